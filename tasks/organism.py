@@ -91,8 +91,9 @@ def save_organism(model: DiffusionModel, cfg: OrganismConfig, out: Path, extra: 
 
 
 def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None, *,
-          progress: bool = True) -> Path:
-    """Generate MemWorld, train the organism, save it; resumes an interrupted build."""
+          progress: bool = True, with_clip: bool = True) -> Path:
+    """Generate MemWorld, train the organism (resuming an interrupted build), save it, then train its
+    CLIP judge (``tasks/organism_clip.py``) into the same folder."""
     out = Path(out) if out else default_dir(cfg)
     work = out.parent / (out.name + ".work")
     t0 = time.perf_counter()
@@ -104,6 +105,9 @@ def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None,
                                     "torch": torch.__version__, "threads": torch.get_num_threads()})
     for f in ("loss_history.csv", "train_summary.json"):
         shutil.copy(work / f, out / f)
+    if with_clip:
+        from tasks.organism_clip import ClipConfig, build_clip
+        build_clip(world, ClipConfig(), out, progress=progress)
     return out
 
 
@@ -123,7 +127,7 @@ def load_organism(cfg: OrganismConfig = OrganismConfig(), *, device="cpu", dtype
         if not build_if_missing:
             raise FileNotFoundError(f"no organism at {d}; run `make organism` to build it")
         print(f"[diffmem] organism not found at {d}: building it (about 40 minutes on 2 CPU cores)")
-        build(cfg, d)
+        build(cfg, d, with_clip=cfg.version != "test")
     return load_model(d, device=device, dtype=dtype, name=f"organism-{cfg.version}")
 
 

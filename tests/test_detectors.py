@@ -49,7 +49,11 @@ def test_detector_contract(name, small_organism):
     s2 = build(name, batch_size=3).score(small_organism, PROMPTS[::-1], seed=0)[::-1]
     assert s1.shape == (len(PROMPTS),) and s1.dtype.kind == "f"
     assert np.isfinite(s1).all()
-    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
+    # Generations agree to ~1e-5 across batch compositions (float32 rounding); SSCD reads them as
+    # uint8, so a pixel within 1e-5 of a rounding boundary flips one grey level: measured effect on
+    # the mean pairwise cosine up to 5e-4. Pixel-space and noise-magnitude scores stay within 1e-5.
+    tol = 2e-3 if getattr(det, "space", "") == "sscd" else 1e-5
+    np.testing.assert_allclose(s1, s2, rtol=tol, atol=1e-6)
     assert model_state(small_organism) == before, "detector changed the model (weights, hooks or mode)"
     assert det.params()["n_gen"] == det.n_gen
 

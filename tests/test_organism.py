@@ -39,11 +39,19 @@ def test_mv_prompts_reproduce_their_training_image(organism, world):
 
 
 def test_noise_magnitude_separates_memorized_from_all_controls(organism, world):
-    """First-step noise magnitude (n=1) on planted prompts vs every non-memorized group."""
+    """First-step noise magnitude (n=1, seed 0) on planted prompts vs every non-memorized group.
+
+    Measured by `make bench-detect` on this organism: AUC 0.918 [0.882, 0.948] against all 411
+    negatives, MV family 0.996. The floors (0.85 overall, 0.95 for MV) sit below the bootstrap interval
+    and far above chance, so float noise across machines cannot trip them while a broken detector,
+    sampling loop or organism (AUC near 0.5) does."""
     from baselines.detectors.noise_magnitude import NoiseMagnitude
     from bench.metrics import roc_auc
 
     ev = world.eval_prompts
     s = NoiseMagnitude(n_gen=1, steps=1).score(organism, [e.prompt for e in ev], seed=0)
     y = np.array([e.label for e in ev])
-    assert roc_auc(s, y) >= AUC_FLOOR
+    assert roc_auc(s, y) >= 0.85
+    mv = np.array([e.group == "MV" for e in ev])
+    keep = mv | (y == 0)
+    assert roc_auc(s[keep], y[keep]) >= 0.95
