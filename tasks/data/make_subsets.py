@@ -2,7 +2,7 @@
 
 Build-time only: the harness never runs this script and never reads the source folder.
 
-    python tasks/data/make_subsets.py --source /path/to/shared/data
+    python tasks/data/make_subsets.py --source /path/to/source/prompt/files
     sha256sum -c tasks/data/checksums.sha256   # run inside tasks/data/
 
 Small files (< 1.5 MB) are copied byte for byte. Large files are cut to a deterministic
