@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -140,9 +141,9 @@ class DiffusionModel:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported")
         return out
 
-    @property
+    @cached_property
     def _alphas_cumprod(self) -> torch.Tensor:
-        return self.make_scheduler().alphas_cumprod
+        return self.make_scheduler().alphas_cumprod      # built once, not on every v-prediction call
 
     def timesteps(self, n_steps: int) -> torch.Tensor:
         s = self.make_scheduler()
