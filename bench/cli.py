@@ -1,7 +1,8 @@
 """``diffmem <command> [hydra overrides]``: thin Hydra entry points over bench.runner.
 
 Commands: detect (one detector; add -m and a list to sweep), leaderboard (rebuild CSVs and plots
-from run folders), organism (build the organism), groundtruth (measure the organism's copies).
+from run folders), organism (build the organism), groundtruth (measure the organism's copies),
+explain (per-token significance of a prompt or a prompt file).
 """
 from __future__ import annotations
 
@@ -14,9 +15,20 @@ USAGE = """usage: diffmem <command> [options]
 commands:
   detect        score a task's prompts with a detector (Hydra overrides, e.g. detector=nm_n4_k1;
                 -m detector=nm_n1_k1,nm_n4_k1 sweeps)
+                with prompts=FILE (jsonl/csv/tsv/txt/parquet): screen your own prompts -> score,
+                p-value, flag per prompt (conf/screen.yaml; column=, shard=i/n, calibration=, alpha=)
+  calibrate     save a p-value calibration from a non-memorized reference file: prompts=FILE
+  calibrate-check  organism: calibrate on half its non-memorized prompts, test on the other half
+  report        one static HTML page over results/ -> results/report.html [RESULTS_DIR]
+  mitigate      generate under a mitigator over its strengths and measure copies, FB-Mem and CLIP
+                (Hydra overrides, e.g. mitigator=rta; -m mitigator=none,rta,gni sweeps)
   leaderboard   rebuild results/*_leaderboard.csv and plots from results/runs
+  speed         detection speed vs its cost floor -> results/speed.csv (python -m bench.speed --help)
+  merge         merge complete shard sets (runs with shard=i/n) into whole runs [RUNS_DIR | SHARD_DIR...]
   organism      build (train) the memorization organism
   groundtruth   measure which organism prompts reproduce training images (writes its manifest)
+  explain       per-token significance of 'prompt="..."' or prompts=file -> CSV + bar charts in
+                results/explain/<name>/ (quote prompts holding commas or brackets)
 """
 
 
@@ -28,7 +40,8 @@ def _hydra(config_name: str, fn, argv: list[str]) -> None:
     def _main(cfg) -> None:
         fn(OmegaConf.to_container(cfg, resolve=True))
 
-    sys.argv = [f"diffmem {config_name}", *argv]
+    flags = [a for a in argv if a in ("-m", "--multirun")]      # Hydra wants -m before the overrides
+    sys.argv = [f"diffmem {config_name}", *flags, *[a for a in argv if a not in flags]]
     _main()
 
 
@@ -38,18 +51,41 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     cmd, rest = argv[0], argv[1:]
-    if cmd == "detect":
+    if cmd == "detect" and any(a.lstrip("+").startswith("prompts=") for a in rest):
+        from bench.screen import cli as screen_cli        # a user's prompt file: screening
+        _hydra("screen", lambda cfg: screen_cli("screen", cfg), rest)
+    elif cmd in ("calibrate", "calibrate-check"):
+        from bench.screen import cli as screen_cli
+        _hydra("screen", lambda cfg: screen_cli(cmd, cfg), rest)
+    elif cmd == "report":
+        from bench.report import main as report_main
+        report_main(rest)
+    elif cmd == "detect":
         from bench.runner import run_detect
         _hydra("detect", run_detect, rest)
+    elif cmd == "mitigate":
+        from bench.mitigate import run_mitigate
+        _hydra("mitigate", run_mitigate, rest)
+    elif cmd == "speed":
+        from bench.speed import main as speed_main
+        speed_main(rest)
     elif cmd == "leaderboard":
+        from bench.mitigate_board import rebuild_mitigate
         from bench.plots import rebuild_all
         rebuild_all(*(rest[:1] or ["results"]))
+        rebuild_mitigate(*(rest[:1] or ["results"]))
+    elif cmd == "merge":
+        from bench.merge import main as merge_main
+        merge_main(rest)
     elif cmd == "organism":
         from tasks.organism import main as organism_main
         organism_main(rest)
     elif cmd == "groundtruth":
         from tasks.groundtruth import main as gt_main
         gt_main(rest)
+    elif cmd == "explain":
+        from bench.explain import run_explain
+        _hydra("explain", run_explain, rest)
     else:
         print(f"diffmem: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

@@ -5,19 +5,29 @@ A run folder ``results/runs/<task>__<model>__<method>__<hash>/`` holds ``config.
 ``per_prompt.csv`` (appended batch by batch, so an interrupted run resumes where it stopped) and,
 once complete, ``metrics.json``. The folder name is a function of the config, so starting the same
 configuration again finds and resumes it. Leaderboards are rebuilt from run folders only.
+
+A shard (``shard=i/n``, bench/shard.py) runs in ``<name>__shard-<i>of<n>/``: the same config.json and
+hash as the whole run, its block of prompts in per_prompt.csv, the shard and its prompt ids in the
+manifest, and no metrics.json (a block's AUC is not a result). bench/merge.py turns a complete set of
+shards into the unsharded folder ``<name>/``; the leaderboard rebuild does that first, so shard
+folders never become leaderboard rows.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+
+from bench.shard import Shard
 
 SCHEMA_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,25 +70,51 @@ def device_info() -> dict:
     return d
 
 
-class RunFolder:
-    """One run's folder. ``done_ids`` lists prompts already scored (resume)."""
+def shard_suffix(shard: Shard) -> str:
+    """Folder-name suffix of a shard: ``__shard-1of3`` (empty for the whole set)."""
+    return "" if shard.whole else f"__shard-{shard.index}of{shard.count}"
 
-    def __init__(self, root: str | Path, kind: str, task: str, model: str, method: str, cfg: dict):
-        self.cfg = cfg
+
+class RunFolder:
+    """One run's folder. ``done_ids`` lists prompts already scored (resume).
+
+    ``shard`` (not whole) names the folder ``<name>__shard-<i>of<n>``; ``base_name`` is the name of
+    the whole run either way, and ``hash`` hashes the shared config (the shard is not part of it)."""
+
+    def __init__(self, root: str | Path, kind: str, task: str, model: str, method: str, cfg: dict,
+                 shard: Shard | None = None):
+        self.shard = shard or Shard()
         self.hash = config_hash(cfg)
-        self.name = f"{task}__{model}__{method}__{self.hash}"
-        self.path = Path(root) / self.name
+        self._open(Path(root) / (f"{task}__{model}__{method}__{self.hash}" + shard_suffix(self.shard)),
+                   kind, cfg)
+
+    @classmethod
+    def at(cls, path: str | Path, kind: str, cfg: dict) -> "RunFolder":
+        """The whole (unsharded) run folder at ``path`` (used by the shard merge)."""
+        self = cls.__new__(cls)
+        self.shard, self.hash = Shard(), config_hash(cfg)
+        self._open(Path(path), kind, cfg)
+        return self
+
+    def _open(self, path: Path, kind: str, cfg: dict) -> None:
+        self.cfg, self.kind, self.path, self.name = cfg, kind, path, path.name
+        self.base_name = self.name.removesuffix(shard_suffix(self.shard))
         self.path.mkdir(parents=True, exist_ok=True)
-        self.kind = kind
         cfg_file = self.path / "config.json"
         if cfg_file.is_file() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(cfg, default=str)):
             raise RuntimeError(f"{self.path} holds a different config with the same hash; remove it")
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        tmp = cfg_file.with_name(f"config.json.{os.getpid()}.tmp")   # atomic: shards may merge at once
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+        tmp.replace(cfg_file)
 
     def reset(self) -> None:
         """Forget scored prompts and metrics (a fresh measurement of the same configuration)."""
         for f in ("per_prompt.csv", "metrics.json", "manifest.json"):
             (self.path / f).unlink(missing_ok=True)
+
+    def manifest(self) -> dict:
+        f = self.path / "manifest.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
 
     @property
     def per_prompt(self) -> Path:
@@ -86,29 +122,53 @@ class RunFolder:
 
     @property
     def complete(self) -> bool:
+        if not self.shard.whole:   # a shard has no metrics.json: it is done once its manifest says so
+            return bool(self.manifest().get("finished"))
         return (self.path / "metrics.json").is_file()
 
     def read_rows(self) -> pd.DataFrame:
-        if not self.per_prompt.is_file():
+        if not self.per_prompt.is_file() or self.per_prompt.stat().st_size == 0:
             return pd.DataFrame()
         return pd.read_csv(self.per_prompt, keep_default_na=False, na_values=[""],
                            dtype={"id": str, "prompt": str, "group": str, "family": str, "type": str})
 
     def done_ids(self) -> set[str]:
+        """Prompts already scored, after dropping a torn last line (see ``drop_torn_tail``)."""
+        self.drop_torn_tail()
         df = self.read_rows()
         return set(df["id"]) if len(df) else set()
+
+    def drop_torn_tail(self) -> int:
+        """Cut a last line that a kill left half-written; returns the bytes removed.
+
+        Every complete row ends with a line break, so a file that does not end in one ends in a torn
+        row, which may still parse (a score cut from 0.1234 to 0.12 is a number): it is removed, not
+        read, so resume scores that prompt again. Rows are only ever appended, so the rest is intact."""
+        f = self.per_prompt
+        if not f.is_file():
+            return 0
+        data = f.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        with open(f, "r+b") as fh:
+            fh.truncate(keep)
+        print(f"[diffmem] {f}: dropped a torn last line ({len(data) - keep} bytes) left by an "
+              "interrupted run; its prompt is scored again", file=sys.stderr)
+        return len(data) - keep
 
     def append_rows(self, rows: list[dict]) -> None:
         """Append whole batches; a batch is flushed and fsynced before the next starts."""
         if not rows:
             return
-        new = not self.per_prompt.is_file()
+        new = not self.per_prompt.is_file() or self.per_prompt.stat().st_size == 0
         with open(self.per_prompt, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             if new:
                 w.writeheader()
             w.writerows(rows)
             f.flush()
+            os.fsync(f.fileno())
 
     def write_manifest(self, **fields) -> None:
         f = self.path / "manifest.json"
@@ -120,10 +180,12 @@ class RunFolder:
         man = {**old, "schema_version": SCHEMA_VERSION, "kind": self.kind, "run": self.name,
                "config_hash": self.hash, **git, "versions": versions(), "device": device_info(),
                "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), **fields}
-        f.write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")   # atomic: shards read each other's manifests
+        tmp.write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+        tmp.replace(f)
 
     def write_metrics(self, metrics: dict) -> None:
-        tmp = self.path / "metrics.json.tmp"
+        tmp = self.path / f"metrics.json.{os.getpid()}.tmp"   # per process: concurrent shards may merge
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
         tmp.replace(self.path / "metrics.json")
 
@@ -135,7 +197,13 @@ DETECT_COLUMNS = ["task", "model", "detector", "params", "n_gen", "steps", "auc"
 
 
 def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "detect") -> pd.DataFrame:
-    """Collect ``metrics.json`` of every complete run of ``kind`` into one sorted CSV."""
+    """Collect ``metrics.json`` of every complete run of ``kind`` into one sorted CSV.
+
+    Complete shard sets are merged into their whole run first (bench/merge.py); incomplete ones are
+    named on stderr and left out. Shard folders have no metrics.json, so they are never rows."""
+    from bench.merge import merge_runs_dir   # merge imports this module
+
+    merge_runs_dir(runs_dir, kind=kind, strict=False)
     rows = []
     for m in sorted(Path(runs_dir).glob("*/metrics.json")):
         d = json.loads(m.read_text())
@@ -154,5 +222,7 @@ def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "
         df = df.sort_values(["task", "model", "auc", "seconds_per_prompt"],
                             ascending=[True, True, False, True], kind="mergesort")
     Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_csv, index=False, float_format="%.6g")
+    tmp = Path(f"{out_csv}.{os.getpid()}.tmp")   # atomic: the jobs of a multirun rebuild it concurrently
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(out_csv)
     return df

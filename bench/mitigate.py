@@ -1,0 +1,173 @@
+"""``run_mitigate(cfg)``: one mitigator over its strengths on one task and model (``make bench-mitigate``).
+
+For each strength: generate images for the memorized evaluation prompts (``memorized_per_family``
+per planted family, ``n_seeds`` seeds each) and for non-memorized prompts (``utility_prompts``,
+utility: does the method keep prompt alignment where there is nothing to remove), then record per
+image the measures of ``bench.copyscore.CopyJudge``. Rows are appended prompt batch by prompt batch,
+so an interrupted run resumes. Cost is measured here: wall seconds and UNet rows of ``generate``
+per image (``fit`` is timed separately, once), never reported by methods. Each strength is its own
+run folder ``<task>__<model>__<mitigator>@<strength>__<hash>``; ``protocol_hash`` (config without the
+mitigator) ties rows that may be compared, and the leaderboard derives clip_delta and the FB-Mem
+mitigation score against the ``none`` run of the same protocol.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from baselines.mitigators.base import GenSpec
+from bench.io import RunFolder, config_hash
+from bench.merge import merge_runs_dir, shard_entry
+from bench.runner import build_model, instantiate, world_for
+from bench.shard import Shard
+
+MEMORIZED_FAMILIES = ("MV", "RV", "TV", "FG", "BG")
+UTILITY_GROUPS = ("ordinary_seen", "ordinary_unseen")
+
+
+def select_prompts(world, per_family: int, n_utility: int) -> list:
+    """The first ``per_family`` prompts of each memorized family, then ``n_utility`` non-memorized
+    prompts alternating seen / unseen ordinary captions (deterministic, recorded by id)."""
+    ev = world.eval_prompts
+    mem = [e for f in MEMORIZED_FAMILIES for e in [x for x in ev if x.group == f][:per_family]]
+    pools = [[x for x in ev if x.group == g] for g in UTILITY_GROUPS]
+    util = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:n_utility]
+    return mem + util
+
+
+def _strengths(mcfg: dict) -> list[float]:
+    s = mcfg.get("strengths")
+    return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
+
+
+def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
+    torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
+    t0 = time.perf_counter()
+    shard = Shard.parse(cfg.get("shard"))
+    model = model or build_model(cfg["model"], shard=shard)
+    load_seconds = time.perf_counter() - t0
+    if cfg["task"].get("source") != "organism":
+        raise NotImplementedError(
+            f"task={cfg['task']['name']}: the mitigation benchmark needs the training images that prompts copy; "
+            "only the organism world ships them offline. For real runs build a training-neighbour index "
+            "(bench.retrieval) over your image folder and extend CopyJudge; see README 'Mitigation benchmark'.")
+    world = world_for(cfg["model"], model)
+    prompts = select_prompts(world, int(cfg["memorized_per_family"]), int(cfg["utility_prompts"]))
+    mine = [prompts[i] for i in shard.select(len(prompts))]
+    seeds = [int(cfg.get("seed", 0)) + j for j in range(int(cfg["n_seeds"]))]
+    spec = GenSpec(int(cfg["steps"]), float(cfg["guidance"]), int(cfg.get("batch_images", 64)))
+    if judge is None:
+        from bench.copyscore import CopyJudge
+        from tasks.organism_clip import load_clip_scorer
+        judge = CopyJudge(world, load_clip_scorer(model.path or None), threads=int(cfg.get("threads") or 2))
+    mcfg = {k: v for k, v in cfg["mitigator"].items() if k not in ("strengths", "strength")}
+    protocol = {k: cfg[k] for k in ("task", "model", "seed", "n_seeds", "steps", "guidance",
+                                    "memorized_per_family", "utility_prompts")}
+    protocol_hash = config_hash(protocol)
+    results = []
+    for strength in _strengths(cfg["mitigator"]):
+        results.append(_one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, mcfg, protocol,
+                                     protocol_hash, strength, load_seconds, progress))
+    return results
+
+
+def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, mcfg, protocol, protocol_hash,
+                  strength, load_seconds, progress) -> dict:
+    seed = int(cfg.get("seed", 0))
+    mit = instantiate({**mcfg, "strength": strength})
+    mit_id = cfg["mitigator"].get("id") or mit.name
+    method = f"{mit_id}@{strength:g}"
+    run_cfg = {"kind": "mitigate", **protocol, "mitigator": {**mcfg, "strength": strength},
+               "model_fingerprint": model.fingerprint(), "world_sha256": world.sha256}
+    run = RunFolder(cfg.get("runs_dir", "results/runs"), "mitigate", cfg["task"]["name"], model.name, method,
+                    run_cfg, shard=shard)
+    if cfg.get("rerun") and run.complete:
+        run.reset()
+    t_fit = time.perf_counter()
+    rows0 = model.counter.rows
+    mit.fit(model, memorized=[e.prompt for e in prompts if e.label == 1],
+            reference=[e.prompt for e in world.eval_prompts if e.group == "ordinary_seen"], seed=seed)
+    fit_seconds, fit_rows = time.perf_counter() - t_fit, model.counter.rows - rows0
+    prompt_ids = [e.id for e in prompts]
+    result_fields = {"kind": "mitigate", "task": cfg["task"]["name"], "model": model.name, "mitigator": mit_id,
+                     "strength": strength, "strength_unit": mit.strength_unit,
+                     "params": json.dumps(mit.params(), sort_keys=True, default=str), "n_seeds": len(seeds),
+                     "protocol_hash": protocol_hash}
+    run.write_manifest(seeds={"seed": seed, "generation_seeds": seeds}, params=mit.params(), protocol=protocol,
+                       judge=judge.protocol(), model=model.fingerprint(), model_load_seconds=load_seconds,
+                       prompt_set={"name": f"{cfg['task']['name']}_mitigate", "n": len(prompts),
+                                   "sha256": config_hash({"ids": prompt_ids, "world": world.sha256})},
+                       result_fields=result_fields, base_run=run.base_name,
+                       fit={"seconds": fit_seconds, "unet_evals": fit_rows},   # measured per process (shard)
+                       shard=shard_entry(shard, prompt_ids), finished=None)
+    done = {str(x).rsplit(":", 1)[0] for x in run.done_ids()}
+    todo = [e for e in mine if e.id not in done]
+    bs = int(cfg.get("batch_prompts", 16))
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"mitigate {method}", disable=not progress)
+    for b0 in range(0, len(todo), bs):
+        batch = todo[b0:b0 + bs]
+        r0, t1 = model.counter.rows, time.perf_counter()
+        res = mit.generate(model, [e.prompt for e in batch], seeds, spec, seed=seed)
+        gen_s, rows = time.perf_counter() - t1, model.counter.rows - r0
+        images = res.images.float().cpu().numpy()
+        if not np.isfinite(images).all():
+            raise FloatingPointError(f"{method}: non-finite pixels for prompts {[e.id for e in batch]}; "
+                                     "nothing of this batch was written")
+        measures = judge.measure(images, batch, seeds)
+        n_img = len(batch) * len(seeds)
+        out = []
+        for k, e in enumerate(batch):
+            for j, s in enumerate(seeds):
+                out.append({"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s,
+                            "label": e.label, "group": e.group, "family": e.family,
+                            **measures[k * len(seeds) + j], "seconds": gen_s / n_img, "unet_evals": rows / n_img})
+        run.append_rows([{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+                         for r in out])                # NaN (no target) is written as an empty field
+        bar.update(len(batch))
+    bar.close()
+    if not shard.whole:
+        run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        merge_runs_dir(run.path.parent, kind="mitigate", strict=False)
+        return {"kind": "mitigate_shard", "run": run.name, "base_run": run.base_name, "shard": str(shard)}
+    metrics = mitigate_result(run.read_rows(), prompt_ids, run_cfg, run.manifest())
+    run.write_metrics(metrics)
+    run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return metrics
+
+
+def mitigate_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: dict) -> dict:
+    """metrics.json of a mitigate run from its per-image rows (plain runs and shard merges alike)."""
+    got = set(rows["prompt_id"].astype(str))
+    if got != set(ids) or rows["id"].duplicated().any():
+        raise RuntimeError(f"per-image rows do not match the prompt selection ({len(got)} of {len(ids)} prompts, "
+                           f"{int(rows['id'].duplicated().sum())} duplicates); remove the run folder and rerun")
+    m = aggregate(rows)
+    m.update(manifest["result_fields"])
+    m.update(git_sha=manifest["git_sha"], run=manifest["run"], fit_seconds=manifest.get("fit", {}).get("seconds"),
+             fit_unet_evals=manifest.get("fit", {}).get("unet_evals"))
+    return m
+
+
+def aggregate(df: pd.DataFrame) -> dict:
+    """Run-level numbers (DESIGN.md section 5 columns) from per-image rows."""
+    mem, util = df[df["label"] == 1], df[df["label"] == 0]
+    m = {"n_images_memorized": int(len(mem)), "n_images_utility": int(len(util)),
+         "sscd_to_train_mean": float(mem["sscd_to_train"].mean()),
+         "sscd_to_train_p95": float(mem["sscd_to_train"].quantile(0.95)),
+         "sscd_nn_mean": float(mem["sscd_nn"].mean()), "sscd_nn_p95": float(mem["sscd_nn"].quantile(0.95)),
+         "copy_rate": float(mem["copy"].mean()),
+         "clip_score": float(mem["clip_score"].mean()),
+         "general_prompt_clip": float(util["clip_score"].mean()) if len(util) else float("nan"),
+         "seconds_per_image": float(df["seconds"].mean()), "unet_evals_per_image": float(df["unet_evals"].mean())}
+    if "fbmem_category" in df:
+        for c in ("VM", "FM", "BM", "NM"):
+            m[f"fbmem_{c.lower()}"] = float((mem["fbmem_category"] == c).mean())
+    for fam, g in mem.groupby("group"):
+        m[f"copy_rate_{fam}"] = float(g["copy"].mean())
+        m[f"sscd_to_train_mean_{fam}"] = float(g["sscd_to_train"].mean())
+    return m

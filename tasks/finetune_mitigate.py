@@ -1,0 +1,230 @@
+"""Mitigation benchmark of the training-time mitigators on the fine-tuning protocol (``tasks.finetune_world``).
+
+    python -m tasks.finetune_mitigate build      # make finetunes: every fine-tune of the grid, cached
+    python -m tasks.finetune_mitigate calibrate  # tau calibration -> results/finetune_tau_calibration.json
+    python -m tasks.finetune_mitigate run        # run folders of kind mitigate (bench/mitigate_board.py)
+
+Unlike ``bench.mitigate.run_mitigate`` (the world's evaluation prompts on the organism as trained),
+the memorized prompts here are the NEW planted set's prompts, which only the fine-tunes saw, and
+the ``none`` reference is plain fine-tuning (``train_none``). The task is ``organism_finetune`` and
+the protocol (hence ``protocol_hash``) includes the fine-tuning config. Per image the measures are
+``bench.copyscore.CopyJudge``'s over the fine-tuning world (copy criterion and SSCD against the new
+targets; nearest neighbours over every image the model was trained on). Metrics add the training
+cost: ``train_cost_ratio`` (CPU seconds of the method's fine-tune / plain fine-tune's),
+``fit_seconds`` (this run's fit: a cache load, or the build), and the build's CPU and wall seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from baselines.mitigators.base import GenSpec
+from bench.io import RunFolder, config_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TASK = "organism_finetune"
+GRID = ("train_none", "train_filter", "train_random_token", "train_cluster_augment")
+
+
+def load_conf(path: Path | None = None) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path or CONF / "finetune.yaml"), resolve=True)
+
+
+def mitigator_conf(mid: str) -> dict:
+    f = CONF / "mitigator" / f"{mid}.yaml"
+    if not f.is_file():
+        raise FileNotFoundError(f"no mitigator config {f}; the training-time grid is {', '.join(GRID)}")
+    return OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+
+
+def make_mitigator(mcfg: dict, strength: float, finetune: dict, cache_dir: str = ""):
+    from hydra.utils import get_class
+
+    kw = {k: v for k, v in mcfg.items() if k not in ("_target_", "id", "strengths", "strength")}
+    return get_class(mcfg["_target_"])(strength=float(strength), finetune=dict(finetune), cache_dir=cache_dir, **kw)
+
+
+def strengths(mcfg: dict) -> list[float]:
+    s = mcfg.get("strengths")
+    return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
+
+
+def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
+    """One training-time mitigator over its strengths; one run folder per strength."""
+    from bench.mitigate import aggregate
+    from bench.runner import build_model, world_for
+    from tasks.finetune_world import finetune_config_from_dict, finetune_world
+
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    t0 = time.perf_counter()
+    model = model or build_model(cfg["model"])
+    load_seconds = time.perf_counter() - t0
+    fcfg = finetune_config_from_dict(cfg.get("finetune") or {})
+    world = finetune_world(world_for(None, model), fcfg)
+    prompts = list(world.eval_prompts)
+    seed = int(cfg.get("seed", 0))
+    seeds = [seed + j for j in range(int(cfg["n_seeds"]))]
+    spec = GenSpec(int(cfg["steps"]), float(cfg["guidance"]), int(cfg.get("batch_images", 64)))
+    if judge is None:
+        from bench.copyscore import CopyJudge
+        from tasks.organism_clip import load_clip_scorer
+        judge = CopyJudge(world, load_clip_scorer(model.path or None), threads=int(cfg.get("threads") or 1))
+    task = {"name": cfg.get("task_name", TASK), "source": "organism_finetune"}
+    protocol = {"task": task, "model": cfg["model"], "seed": seed, "n_seeds": len(seeds), "steps": spec.steps,
+                "guidance": spec.guidance, "finetune": dataclasses.asdict(fcfg)}
+    protocol_hash = config_hash(protocol)
+    mid = mcfg.get("id")
+    results = []
+    for strength in strengths(mcfg):
+        mit = make_mitigator(mcfg, strength, cfg.get("finetune") or {}, cfg.get("cache_dir", ""))
+        method = f"{mid or mit.name}@{strength:g}"
+        run_cfg = {"kind": "mitigate", **protocol, "mitigator": {**{k: v for k, v in mcfg.items() if k != "strengths"},
+                                                                 "strength": strength},
+                   "model_fingerprint": model.fingerprint(), "world_sha256": world.sha256}
+        run = RunFolder(cfg.get("runs_dir", "results/runs"), "mitigate", task["name"], model.name, method, run_cfg)
+        if cfg.get("rerun") and run.complete:
+            run.reset()
+        t_fit, rows0 = time.perf_counter(), model.counter.rows
+        mit.fit(model, memorized=[e.prompt for e in prompts if e.label == 1], reference=[], seed=seed)
+        fit_seconds, fit_rows = time.perf_counter() - t_fit, model.counter.rows - rows0
+        run.write_manifest(seeds={"seed": seed, "generation_seeds": seeds}, params=mit.params(), protocol=protocol,
+                           protocol_hash=protocol_hash, judge=judge.protocol(), prompt_ids=[e.id for e in prompts],
+                           model_load_seconds=load_seconds, fit_report=mit.fit_report)
+        done = {str(x).rsplit(":", 1)[0] for x in run.done_ids()}
+        todo = [e for e in prompts if e.id not in done]
+        bs = int(cfg.get("batch_prompts", 16))
+        for b0 in range(0, len(todo), bs):
+            batch = todo[b0:b0 + bs]
+            r0, t1 = model.counter.rows, time.perf_counter()
+            res = mit.generate(model, [e.prompt for e in batch], seeds, spec, seed=seed)
+            gen_s, rows = time.perf_counter() - t1, model.counter.rows - r0
+            images = res.images.float().cpu().numpy()
+            if not np.isfinite(images).all():
+                raise FloatingPointError(f"{method}: non-finite pixels for prompts {[e.id for e in batch]}; "
+                                         "nothing of this batch was written")
+            measures = judge.measure(images, batch, seeds)
+            n_img = len(batch) * len(seeds)
+            run.append_rows([{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
+                              "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
+                              "seconds": gen_s / n_img, "unet_evals": rows / n_img}
+                             for k, e in enumerate(batch) for j, s in enumerate(seeds)])
+        metrics = aggregate(run.read_rows())
+        fr = mit.fit_report
+        metrics.update({"kind": "mitigate", "task": task["name"], "model": model.name, "mitigator": mid or mit.name,
+                        "strength": strength, "strength_unit": mit.strength_unit,
+                        "params": json.dumps(mit.params(), sort_keys=True, default=str),
+                        "fit_seconds": fit_seconds, "fit_unet_evals": fit_rows, "n_seeds": len(seeds),
+                        "train_cost_ratio": fr["train_cost_ratio"], "train_wall_ratio": fr["train_wall_ratio"],
+                        "finetune_cpu_seconds": fr["finetune_cpu_seconds"],
+                        "finetune_wall_seconds": fr["finetune_wall_seconds"], "finetune_cached": fr["finetune_cached"],
+                        "kept_fraction": fr["kept_fraction"], "finetune_key": fr["finetune_key"],
+                        "protocol_hash": protocol_hash, "run": run.name,
+                        "git_sha": json.loads((run.path / "manifest.json").read_text())["git_sha"]})
+        for h in fr["hook_report"]:
+            for g, v in h.get("kept_share", {}).items():
+                metrics[f"kept_share_{g}"] = v
+        run.write_metrics(metrics)
+        run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        results.append(metrics)
+    return results
+
+
+def build_all(cfg: dict, grid: list[str], *, model=None, only: list[float] | None = None) -> list[dict]:
+    """Fit (build or load) every fine-tune of the grid, plain first; returns one record per fine-tune."""
+    from bench.runner import build_model
+
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    model = model or build_model(cfg["model"])
+    out = []
+    for mid in grid:
+        mcfg = mitigator_conf(mid)
+        for s in strengths(mcfg):
+            if only is not None and s not in only:
+                continue
+            mit = make_mitigator(mcfg, s, cfg.get("finetune") or {}, cfg.get("cache_dir", ""))
+            t0 = time.perf_counter()
+            mit.fit(model, seed=int(cfg.get("seed", 0)))
+            rec = {"mitigator": mid, "strength": s, "fit_seconds": time.perf_counter() - t0,
+                   **{k: v for k, v in mit.fit_report.items() if not isinstance(v, (dict, list))}}
+            print(json.dumps(rec), flush=True)
+            out.append(rec)
+    return out
+
+
+def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | Path | None = None) -> dict:
+    """Distribution of Wen's training-time magnitude m for ordinary vs duplicated pairs, on the base
+    organism (its own planted MV pairs are the memorized ones) and on the plain fine-tune (the new
+    set); quantiles -> candidate taus. Written to ``out`` (JSON)."""
+    from baselines.mitigators.train_filter import noise_magnitudes
+    from baselines.mitigators.train_time import PlainFinetune
+    from bench.runner import build_model, world_for
+    from tasks.finetune_world import finetune_config_from_dict, finetune_world
+
+    torch.set_num_threads(int(cfg.get("threads") or 1))
+    model = model or build_model(cfg["model"])
+    base = world_for(None, model)
+    ftw = finetune_world(base, finetune_config_from_dict(cfg.get("finetune") or {}))
+
+    def groups(w, names):
+        return {n: [i for i, g in enumerate(w.pair_group) if g == n] for n in names}
+
+    plain = PlainFinetune(finetune=cfg.get("finetune") or {}, cache_dir=cfg.get("cache_dir", ""))
+    plain.fit(model, seed=int(cfg.get("seed", 0)))
+    q = (0.5, 0.9, 0.95, 0.99)
+    res = {"protocol": "m = ||eps(x_t, e_p) - eps(x_t, e_empty)||_2 per sample, t ~ U{0..999}, fresh noise, "
+                       "pairs drawn by duplication weight, no caption dropout", "n_per_group": n_per_group,
+           "quantiles": list(q), "seed": int(cfg.get("seed", 0))}
+    for tag, m, w, names in (("base_organism", model, base, ("ordinary", "MV", "RV", "FG", "BG")),
+                             ("base_organism_on_new_set", model, ftw, ("ordinary", "FT_MV", "FT_FG")),
+                             ("plain_finetune", plain.finetuned, ftw, ("ordinary", "FT_MV", "FT_FG"))):
+        mags = noise_magnitudes(m, w, groups(w, names), n_per_group, seed=int(cfg.get("seed", 0)))
+        res[tag] = {g: {"mean": float(v.mean()), **{f"q{int(x * 100)}": float(np.quantile(v, x)) for x in q}}
+                    for g, v in mags.items()}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="training-time mitigators on the fine-tuning protocol")
+    ap.add_argument("command", choices=("build", "calibrate", "run"))
+    ap.add_argument("--mitigators", default=",".join(GRID), help=f"comma list of conf/mitigator ids (default {','.join(GRID)})")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--conf", default=str(CONF / "finetune.yaml"))
+    ap.add_argument("--rerun", action="store_true", help="re-measure finished runs (fine-tunes stay cached)")
+    ap.add_argument("--out", default="results/finetune_tau_calibration.json")
+    ap.add_argument("--strengths", default="", help="comma list: only these strengths of each mitigator (default: all)")
+    a = ap.parse_args(argv)
+    cfg = load_conf(Path(a.conf))
+    cfg["threads"], cfg["rerun"] = a.threads, a.rerun
+    grid = [m for m in a.mitigators.split(",") if m]
+    only = [float(x) for x in a.strengths.split(",") if x] or None
+    t0 = time.perf_counter()
+    if a.command == "build":
+        build_all(cfg, grid, only=only)
+    elif a.command == "calibrate":
+        print(json.dumps(calibrate_tau(cfg, out=a.out), indent=2))
+    else:
+        from bench.runner import build_model
+        model = build_model(cfg["model"])
+        for mid in grid:
+            mcfg = mitigator_conf(mid)
+            if only is not None:
+                mcfg["strengths"] = [x for x in strengths(mcfg) if x in only]
+            for m in run_finetune_mitigate(cfg, mcfg, model=model):
+                print(f"{m['mitigator']}@{m['strength']:g}: copy_rate {m['copy_rate']:.3f} "
+                      f"train_cost_ratio {m['train_cost_ratio']:.2f} fit_seconds {m['fit_seconds']:.1f}", flush=True)
+    print(f"finetune_mitigate {a.command}: {time.perf_counter() - t0:.1f} s wall")
+
+
+if __name__ == "__main__":
+    main()
