@@ -89,9 +89,19 @@ def run_explain(cfg: dict, *, model: DiffusionModel | None = None, progress: boo
     """Explain every prompt of ``cfg`` with ``cfg['explainer']``; returns the output folder."""
     from bench.runner import build_model, instantiate
 
+    from bench.shard import Shard
+
     prompts, ids, name, source = resolve_prompts(cfg)
     explainer = instantiate(cfg["explainer"])
     out = Path(cfg.get("out_dir") or Path(cfg.get("root", DEFAULT_ROOT)) / (cfg.get("name") or name))
+    shard = Shard.parse(cfg.get("shard"))
+    whole_out, n_total = out, len(prompts)
+    if not shard.whole:                      # shard i/n: its block of prompts into out/shard-<i>of<n>/
+        keep = shard.select(len(prompts))
+        prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
+        out = out / f"shard-{shard.index}of{shard.count}"
+        if not prompts:
+            raise ExplainInputError(f"shard={shard} of {n_total} prompts is empty; use fewer shards")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     t0 = time.perf_counter()
@@ -114,6 +124,30 @@ def run_explain(cfg: dict, *, model: DiffusionModel | None = None, progress: boo
               "source": source, "n_prompts": len(prompts), "model": model.fingerprint(),
               "model_load_seconds": load_seconds, "seconds_per_prompt": sum(seconds) / len(seconds),
               "unet_rows_per_prompt": sum(rows) / len(rows), **git_info(), "versions": versions(),
-              "device": device_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "device": device_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "shard": None if shard.whole else {"spec": str(shard), "n_total": n_total, "ids": ids}}
     (out / "explain.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    if not shard.whole:
+        merge_explain_shards(whole_out, shard.count)
+    return out
+
+
+def merge_explain_shards(out: str | Path, count: int) -> Path | None:
+    """Once all ``count`` shards under ``out`` have finished, concatenate their scores.csv in shard
+    order into ``out/scores.csv`` (the rows and order a single run writes) and move the plots up."""
+    out = Path(out)
+    parts = [out / f"shard-{i}of{count}" for i in range(count)]
+    if not all((p / "explain.json").is_file() and (p / "scores.csv").is_file() for p in parts):
+        return None
+    df = pd.concat([pd.read_csv(p / "scores.csv", keep_default_na=False, dtype={"prompt_id": str}) for p in parts],
+                   ignore_index=True)
+    df.to_csv(out / "scores.csv", index=False, float_format="%.6g")
+    for p in parts:
+        for png in (p / "plots").glob("*.png"):
+            (out / "plots").mkdir(parents=True, exist_ok=True)
+            png.replace(out / "plots" / png.name)
+    recs = [json.loads((p / "explain.json").read_text()) for p in parts]
+    merged = {**recs[0], "shard": None, "n_prompts": sum(r["n_prompts"] for r in recs),
+              "merged_from": [r["shard"]["spec"] for r in recs]}
+    (out / "explain.json").write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
     return out

@@ -111,23 +111,7 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"mitigate {method}", disable=not progress)
     for b0 in range(0, len(todo), bs):
         batch = todo[b0:b0 + bs]
-        r0, t1 = model.counter.rows, time.perf_counter()
-        res = mit.generate(model, [e.prompt for e in batch], seeds, spec, seed=seed)
-        gen_s, rows = time.perf_counter() - t1, model.counter.rows - r0
-        images = res.images.float().cpu().numpy()
-        if not np.isfinite(images).all():
-            raise FloatingPointError(f"{method}: non-finite pixels for prompts {[e.id for e in batch]}; "
-                                     "nothing of this batch was written")
-        measures = judge.measure(images, batch, seeds)
-        n_img = len(batch) * len(seeds)
-        out = []
-        for k, e in enumerate(batch):
-            for j, s in enumerate(seeds):
-                out.append({"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s,
-                            "label": e.label, "group": e.group, "family": e.family,
-                            **measures[k * len(seeds) + j], "seconds": gen_s / n_img, "unet_evals": rows / n_img})
-        run.append_rows([{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
-                         for r in out])                # NaN (no target) is written as an empty field
+        run.append_rows(generate_and_measure(mit, model, judge, batch, seeds, spec, seed=seed, what=method))
         bar.update(len(batch))
     bar.close()
     if not shard.whole:
@@ -138,6 +122,26 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
     run.write_metrics(metrics)
     run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return metrics
+
+
+def generate_and_measure(mit, model, judge, batch: list, seeds: list[int], spec: GenSpec, *, seed: int,
+                         what: str) -> list[dict]:
+    """Per-image rows of one prompt batch: generate under ``mit`` (timed, UNet rows counted), then the
+    judge's measures (not timed). NaN (no target: utility prompts) becomes an empty CSV cell."""
+    r0, t1 = model.counter.rows, time.perf_counter()
+    res = mit.generate(model, [e.prompt for e in batch], seeds, spec, seed=seed)
+    gen_s, rows = time.perf_counter() - t1, model.counter.rows - r0
+    images = res.images.float().cpu().numpy()
+    if not np.isfinite(images).all():
+        raise FloatingPointError(f"{what}: non-finite pixels for prompts {[e.id for e in batch]}; "
+                                 "nothing of this batch was written")
+    measures = judge.measure(images, batch, seeds)
+    n_img = len(batch) * len(seeds)
+    out = [{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
+            "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
+            "seconds": gen_s / n_img, "unet_evals": rows / n_img}
+           for k, e in enumerate(batch) for j, s in enumerate(seeds)]
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in out]
 
 
 def mitigate_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: dict) -> dict:

@@ -48,11 +48,17 @@ def mitigate_leaderboard(runs_dir: str | Path) -> pd.DataFrame:
     base = {d["protocol_hash"]: (d, p) for d, p in runs if d["mitigator"] == "none"}
     for d, p in runs:
         row = {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
+        rows = _rows(p)
+        if "fbmem_category" in rows:           # FB-Mem shares per planted family (the FB-Mem study)
+            mem = rows[rows.label == 1]
+            for fam, g in mem.groupby("group"):
+                for c in CATS:
+                    row[f"fbmem_{c.lower()}_{fam}"] = float((g["fbmem_category"] == c).mean())
         b = base.get(d["protocol_hash"])
         if b is not None:
             row["clip_delta"] = d["clip_score"] - b[0]["clip_score"]
             row["general_prompt_clip_delta"] = d["general_prompt_clip"] - b[0]["general_prompt_clip"]
-            after, before = _rows(p), _rows(b[1])
+            after, before = rows, _rows(b[1])
             if "fbmem_category" in after and "fbmem_category" in before:
                 from bench.fbmem import mitigation_score
                 j = before[before.label == 1][["id", "fbmem_category"]].merge(
@@ -64,7 +70,8 @@ def mitigate_leaderboard(runs_dir: str | Path) -> pd.DataFrame:
     if len(df):
         lead = [c for c in MITIGATE_COLUMNS if c in df.columns]
         df = df[lead + sorted(c for c in df.columns if c not in lead)]
-        df = df.sort_values(["task", "model", "mitigator", "strength"], kind="mergesort").reset_index(drop=True)
+        df = df.assign(_n=df["mitigator"] != "none").sort_values(["task", "model", "_n", "mitigator", "strength"],
+                                                                 kind="mergesort").drop(columns="_n").reset_index(drop=True)
     return df
 
 
@@ -83,8 +90,9 @@ def tradeoff_plot(df: pd.DataFrame, out_png: str | Path, y: str = "copy_rate", t
         n = df[df.mitigator == "none"]
         if len(n):
             ax.plot(n[x], n[y], "k*", ms=12, label="none")
-        ax.set_xlabel(f"{x} (CLIPScore, {'memorized' if x == 'clip_score' else 'non-memorized'} prompts; higher = better aligned)")
-        ax.set_ylabel(f"{y} on memorized prompts (lower = less copying)")
+        ax.set_xlabel(f"CLIPScore, {'memorized' if x == 'clip_score' else 'non-memorized (utility)'} prompts"
+                      " (higher = better)", fontsize=8)
+        ax.set_ylabel(f"{y}, memorized prompts (lower = less copying)", fontsize=8)
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7, loc="best")
     fig.suptitle(title or "mitigation trade-off (labels: strength)")

@@ -112,10 +112,12 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
                                          "nothing of this batch was written")
             measures = judge.measure(images, batch, seeds)
             n_img = len(batch) * len(seeds)
-            run.append_rows([{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
-                              "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
-                              "seconds": gen_s / n_img, "unet_evals": rows / n_img}
-                             for k, e in enumerate(batch) for j, s in enumerate(seeds)])
+            out = [{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
+                    "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
+                    "seconds": gen_s / n_img, "unet_evals": rows / n_img}
+                   for k, e in enumerate(batch) for j, s in enumerate(seeds)]
+            # NaN (no target: utility prompts) is written as an empty cell, as bench.mitigate does
+            run.append_rows([{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in out])
         metrics = aggregate(run.read_rows())
         fr = mit.fit_report
         metrics.update({"kind": "mitigate", "task": task["name"], "model": model.name, "mitigator": mid or mit.name,

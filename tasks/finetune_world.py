@@ -207,6 +207,11 @@ def finetune(model: DiffusionModel, world: MemWorld, cfg: FinetuneConfig, *, met
         return Finetuned(model_with_unet(model, unet), json.loads((folder / "manifest.json").read_text()),
                          folder, True)
     work = folder.with_name(folder.name + ".work")
+    if work.exists():
+        # An interrupted build is started again rather than resumed: its CPU seconds before the
+        # interruption are unknown, and they are the training cost this module reports.
+        print(f"[diffmem] discarding the partial fine-tune {work} (a resumed build's cost could not be measured)")
+        shutil.rmtree(work)
     ft = model_with_unet(model, unet)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     data, info = transform(train_data(world)) if transform else (train_data(world), {})

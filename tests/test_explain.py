@@ -148,6 +148,23 @@ def test_prompt_file_one_plot_per_prompt(tmp_path, small_organism):
     assert {p.name for p in (out / "plots").iterdir()} == {"a.png", "b.png"}
 
 
+def test_shards_merge_into_the_single_run(tmp_path, small_organism):
+    from bench.explain import run_explain
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(f'{{"id": "{c}", "prompt": "{p}"}}\n' for c, p in
+                         zip("abc", ["a red circle", "clinch unsafe poster", "a blue square on stripes"])))
+    plain = run_explain({"prompts": str(f), "explainer": EXPLAINER, "root": str(tmp_path / "one")},
+                        model=small_organism, progress=False)
+    for i in (1, 0):                                       # any order: the last one merges
+        run_explain({"prompts": str(f), "explainer": EXPLAINER, "root": str(tmp_path / "sh"), "shard": f"{i}/2"},
+                    model=small_organism, progress=False)
+    merged = tmp_path / "sh" / "p"
+    a, b = pd.read_csv(plain / "scores.csv", dtype={"prompt_id": str}), pd.read_csv(merged / "scores.csv", dtype={"prompt_id": str})
+    pd.testing.assert_frame_equal(a, b)
+    assert {p.name for p in (merged / "plots").iterdir()} == {"a.png", "b.png", "c.png"}
+
+
 @pytest.mark.parametrize("cfg,match", [({}, "exactly one of"), ({"prompt": "x", "prompts": "f.txt"}, "exactly one of"),
                                        ({"prompt": "  "}, "is empty")])
 def test_explain_input_errors(cfg, match, small_organism):

@@ -96,3 +96,21 @@ def test_real_tasks_are_refused_clearly(tmp_path, small_organism, judge):
     c = cfg(tmp_path, NONE, task={"name": "webster500", "source": "promptsets"})
     with pytest.raises(NotImplementedError, match="training images"):
         run_mitigate(c, model=small_organism, judge=judge, progress=False)
+
+
+def test_every_mitigator_config_builds_at_each_strength():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from baselines.mitigators.base import Mitigator
+    from bench.runner import instantiate
+
+    confs = sorted((Path(__file__).resolve().parents[1] / "conf" / "mitigator").glob("*.yaml"))
+    assert {c.stem for c in confs} >= {"none", "rta", "rna", "cwr", "gni", "embed_opt", "pruning", "nemo"}
+    for c in confs:
+        d = OmegaConf.to_container(OmegaConf.load(c))
+        assert d["id"] and d["strengths"], c
+        for s in d["strengths"]:
+            m = instantiate({k: v for k, v in d.items() if k != "strengths"} | {"strength": s})
+            assert isinstance(m, Mitigator) and m.strength == s and m.params()["strength"] == s, c

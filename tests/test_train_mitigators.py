@@ -210,8 +210,10 @@ class FakeJudge:
         return {"judge": "fake (test)"}
 
     def measure(self, images, prompts, seeds):
-        return [{"sscd_to_train": float(images[i].mean()), "sscd_nn": 0.5, "nn_index": 0, "own_cn_rmse": 0.1,
-                 "copy": float(i % 2), "clip_score": 20.0} for i in range(len(images))]
+        S = len(seeds)                                   # NaN for prompts without targets, as CopyJudge
+        return [{"sscd_to_train": float(images[i].mean()) if prompts[i // S].targets else float("nan"),
+                 "sscd_nn": 0.5, "nn_index": 0, "copy": float(i % 2) if prompts[i // S].targets else float("nan"),
+                 "clip_score": 20.0} for i in range(len(images))]
 
 
 def test_runner_writes_mitigate_runs_for_the_leaderboard(small_organism, cache, tmp_path):
@@ -225,9 +227,25 @@ def test_runner_writes_mitigate_runs_for_the_leaderboard(small_organism, cache, 
     filt = run_finetune_mitigate(cfg, {**mitigator_conf("train_filter"), "strengths": [2.0]}, model=small_organism,
                                  judge=FakeJudge(), progress=False)
     assert none[0]["mitigator"] == "none" and none[0]["train_cost_ratio"] == 1
+    assert np.isfinite(none[0]["sscd_to_train_mean"]) and np.isfinite(filt[0]["copy_rate"])   # NaN cells skipped
+    assert none[0]["n_images_memorized"] == 4 and none[0]["n_images_utility"] == 2
     assert filt[0]["protocol_hash"] == none[0]["protocol_hash"] and filt[0]["task"] == "organism_finetune"
     df = mitigate_leaderboard(tmp_path / "runs")
     assert set(df["mitigator"]) == {"none", "wen_train_filter"}
     assert {"train_cost_ratio", "fit_seconds", "clip_delta"} <= set(df.columns)
     row = df[df.mitigator == "wen_train_filter"].iloc[0]
     assert row["strength"] == 2.0 and np.isfinite(row["train_cost_ratio"]) and row["clip_delta"] == 0
+
+
+def test_interrupted_build_is_restarted_not_resumed(small_organism, ftw, tmp_path):
+    from baselines.mitigators.train_time import PLAIN
+    from tasks.finetune_world import base_identity, finetune, finetune_key
+
+    cfg = finetune_config_from_dict(TINY)
+    key, _ = finetune_key(base_identity(small_organism), cfg, ftw.sha256, PLAIN)
+    stale = tmp_path / f"{key}.work"
+    stale.mkdir()
+    (stale / "history.json").write_text("[]")                              # a half-done build's leftovers
+    ft = finetune(small_organism, ftw, cfg, method=PLAIN, root=tmp_path)
+    assert not ft.cached and not stale.exists() and (tmp_path / key / "manifest.json").is_file()
+    assert ft.manifest["train_summary"]["steps"] == 3 and ft.manifest["cpu_seconds"] > 0
