@@ -41,7 +41,6 @@ bench-detect-full: $(STAMP)  ## the full Wen Table-1 grid (n x k) and density n 
 
 bench-mitigate: $(STAMP)  ## mitigation benchmark on the organism -> results/mitigate_leaderboard.csv + trade-off plots
 	$(BIN)/diffmem mitigate -m mitigator=$(MITIGATE_GRID) hardware.threads=$(THREADS) rerun=true
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
 finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes of the organism -> .cache/diffmem/finetune/

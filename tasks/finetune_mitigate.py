@@ -59,7 +59,7 @@ def strengths(mcfg: dict) -> list[float]:
 
 def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     """One training-time mitigator over its strengths; one run folder per strength."""
-    from bench.mitigate import aggregate
+    from bench.mitigate import aggregate, generate_and_measure
     from bench.runner import build_model, world_for
     from tasks.finetune_world import finetune_config_from_dict, finetune_world
 
@@ -102,22 +102,8 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
         todo = [e for e in prompts if e.id not in done]
         bs = int(cfg.get("batch_prompts", 16))
         for b0 in range(0, len(todo), bs):
-            batch = todo[b0:b0 + bs]
-            r0, t1 = model.counter.rows, time.perf_counter()
-            res = mit.generate(model, [e.prompt for e in batch], seeds, spec, seed=seed)
-            gen_s, rows = time.perf_counter() - t1, model.counter.rows - r0
-            images = res.images.float().cpu().numpy()
-            if not np.isfinite(images).all():
-                raise FloatingPointError(f"{method}: non-finite pixels for prompts {[e.id for e in batch]}; "
-                                         "nothing of this batch was written")
-            measures = judge.measure(images, batch, seeds)
-            n_img = len(batch) * len(seeds)
-            out = [{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
-                    "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
-                    "seconds": gen_s / n_img, "unet_evals": rows / n_img}
-                   for k, e in enumerate(batch) for j, s in enumerate(seeds)]
-            # NaN (no target: utility prompts) is written as an empty cell, as bench.mitigate does
-            run.append_rows([{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in out])
+            run.append_rows(generate_and_measure(mit, model, judge, todo[b0:b0 + bs], seeds, spec, seed=seed,
+                                                 what=method))
         metrics = aggregate(run.read_rows())
         fr = mit.fit_report
         metrics.update({"kind": "mitigate", "task": task["name"], "model": model.name, "mitigator": mid or mit.name,
