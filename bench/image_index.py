@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench.retrieval import EmbedderIdentity, NeighbourIndex
+from bench.sources import source_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILES_LIST = "files.txt"
@@ -22,16 +23,8 @@ FILES_LIST = "files.txt"
 
 def image_files(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """A folder (image files found recursively, sorted by path) or an explicit list of files."""
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {source}")
-        return files
-    files = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing or not files:
-        raise FileNotFoundError(f"image files not found: {missing[:5] or '(empty list)'}")
-    return files
+    return source_files(source, lambda p: p.suffix.lower() in IMAGE_SUFFIXES,
+                        f"image files ({', '.join(IMAGE_SUFFIXES)})", recursive=True)
 
 
 def files_sha256(files: Sequence[Path], root: Path | None = None) -> str:

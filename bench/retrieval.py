@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from bench.sources import npy_sources
+
 SCHEMA_VERSION = 1
 INDEX_FILE, MANIFEST_FILE = "index.faiss", "manifest.json"
 KINDS = ("flat", "ivf", "ivfpq")
@@ -177,20 +179,6 @@ def _training_params(index: faiss.Index, kind: str, n_train: int) -> dict[str, A
         out |= {"pq_m": int(ivf.pq.M), "pq_nbits": int(ivf.pq.nbits), "pq_niter": int(ivf.pq.cp.niter),
                 "pq_by_residual": bool(ivf.by_residual), "polysemous_training": bool(ivf.do_polysemous_training)}
     return out
-
-
-def npy_sources(sources: str | Path | Sequence[str | Path]) -> list[Path]:
-    """A folder (its ``*.npy`` files, sorted by name) or an explicit list of ``.npy`` files."""
-    if isinstance(sources, (str, Path)) and Path(sources).is_dir():
-        files = sorted(Path(sources).glob("*.npy"))
-        if not files:
-            raise FileNotFoundError(f"no .npy files in {sources}; write embeddings as [n, dim] float32 .npy shards")
-        return files
-    files = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(p) for p in sources]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing or not files:
-        raise FileNotFoundError(f"embedding files not found: {missing or '(empty list)'}")
-    return files
 
 
 # ----------------------------------------------------------------------------- index

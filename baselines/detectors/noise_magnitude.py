@@ -20,6 +20,14 @@ from bench.model import DiffusionModel
 from bench.sampling import StepInfo, sample
 
 
+def check_grid(n_gen: int, steps: int, total_steps: int) -> None:
+    """The (n, k) grid point must exist: 1 <= k <= total_steps and n >= 1."""
+    if not 1 <= steps <= total_steps:
+        raise ValueError(f"steps={steps} must be in 1..total_steps={total_steps}")
+    if n_gen < 1:
+        raise ValueError(f"n_gen must be >= 1, got {n_gen}")
+
+
 @dataclass
 class NoiseMagnitude:
     n_gen: int = 1
@@ -30,10 +38,7 @@ class NoiseMagnitude:
     name: str = "noise_magnitude"
 
     def __post_init__(self):
-        if not 1 <= self.steps <= self.total_steps:
-            raise ValueError(f"steps={self.steps} must be in 1..total_steps={self.total_steps}")
-        if self.n_gen < 1:
-            raise ValueError(f"n_gen must be >= 1, got {self.n_gen}")
+        check_grid(self.n_gen, self.steps, self.total_steps)
 
     def params(self) -> dict:
         return {**asdict(self), "norm": "L2 over the whole latent", "aggregation": "mean over gens, then steps",

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from baselines.detectors.noise_magnitude import check_grid
 from bench.model import DiffusionModel
 
 
@@ -38,10 +39,7 @@ class NoiseMagnitudeNaive:
     name: str = "noise_magnitude_naive"
 
     def __post_init__(self):
-        if not 1 <= self.steps <= self.total_steps:
-            raise ValueError(f"steps={self.steps} must be in 1..total_steps={self.total_steps}")
-        if self.n_gen < 1:
-            raise ValueError(f"n_gen must be >= 1, got {self.n_gen}")
+        check_grid(self.n_gen, self.steps, self.total_steps)
 
     def params(self) -> dict:
         return {**asdict(self), "norm": "L2 over the whole latent", "aggregation": "mean over gens, then steps",
