@@ -9,10 +9,16 @@ ORGANISM_OUT ?= tasks/artifacts/organism-v1
 # default detection grid, about 14.5 min on 2 cores by the committed run records (the full Table-1 grid, SSCD density included, is bench-detect-full)
 DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4
 # mitigation grid: none first (the reference of clip_delta and the FB-Mem mitigation score)
-MITIGATE_GRID ?= none,rta,rna,cwr,gni,embed_opt
-DETECT_FULL ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n4_k50,nm_n32_k1,nm_n32_k10,nm_n32_k50,density_pixel_n4,density_pixel_n16,density_pixel_n32,density_sscd_n4,density_sscd_n16,density_sscd_n32
+MITIGATE_GRID ?= none,rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
+# fine-tuning protocol (organism_finetune): the training-time mitigators (plain fine-tuning = none first)
+FINETUNE_GRID ?= train_none,train_filter,train_random_token,train_cluster_augment
+# the FB-Mem study adds every other mitigator, applied to the plain fine-tune (the only model with a memorized FG family)
+STUDY_GRID ?= rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
+# the rest of Wen's Table-1 grid and the density n in {16, 32}: one fused sampling pass (bench/detect_fused.py);
+# density_sscd_n4 keeps its plain, timed run (make bench-detect DETECT_GRID=density_sscd_n4)
+DETECT_EXTRA ?= nm_n4_k50,nm_n32_k10,nm_n32_k50,density_pixel_n16,density_pixel_n32,density_sscd_n16,density_sscd_n32
 
-.PHONY: help setup test bench-detect bench-detect-full bench-mitigate finetunes bench-mitigate-train leaderboard organism groundtruth explain-study nemo-study bench-faiss clean-runs report calibrate-check bench-speed
+.PHONY: help setup test bench-detect bench-detect-full bench-mitigate fbmem-study finetunes bench-mitigate-train leaderboard organism groundtruth explain-study nemo-study bench-faiss clean-runs report calibrate-check bench-speed
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -35,15 +41,20 @@ bench-detect: $(STAMP)  ## detection benchmark on the organism (default grid) ->
 	$(BIN)/diffmem detect -m detector=$(DETECT_GRID) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 
-bench-detect-full: $(STAMP)  ## the full Wen Table-1 grid (n x k) and density n in {4,16,32} (slow on CPU)
-	$(BIN)/diffmem detect -m detector=$(DETECT_FULL) hardware.threads=$(THREADS) rerun=true
+bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {16,32}, one fused pass (about 70 min on 2 cores)
+	$(BIN)/diffmem detect-fused detectors=$(DETECT_EXTRA) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 
-bench-mitigate: $(STAMP)  ## mitigation benchmark on the organism -> results/mitigate_leaderboard.csv + trade-off plots
+bench-mitigate: $(STAMP)  ## every mitigator on the organism + training-time ones (fine-tunes built if missing) -> mitigate_leaderboard, plots
 	$(BIN)/diffmem mitigate -m mitigator=$(MITIGATE_GRID) hardware.threads=$(THREADS) rerun=true
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --mitigators $(FINETUNE_GRID) --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
-finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes of the organism -> .cache/diffmem/finetune/
+fbmem-study: $(STAMP)  ## FB-Mem study: every other mitigator on the plain fine-tune (MV/FG/BG) -> results/fbmem_study.{csv,md} + plots
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --mitigators train_none,$(STUDY_GRID) --threads $(THREADS) --rerun
+	$(BIN)/diffmem leaderboard
+
+finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes (bench-mitigate builds missing ones too)
 	OMP_NUM_THREADS=1 $(BIN)/python -m tasks.finetune_mitigate build --threads 1
 
 bench-mitigate-train: $(STAMP)  ## training-time mitigators only (fine-tune protocol; builds missing fine-tunes first)

@@ -17,6 +17,9 @@ commands:
                 -m detector=nm_n1_k1,nm_n4_k1 sweeps)
                 with prompts=FILE (jsonl/csv/tsv/txt/parquet): screen your own prompts -> score,
                 p-value, flag per prompt (conf/screen.yaml; column=, shard=i/n, calibration=, alpha=)
+  detect-fused  several noise-magnitude / density configurations from ONE sampling pass, each into its
+                own run folder (detectors=nm_n32_k50,density_sscd_n32,... [hydra overrides]); seconds
+                per prompt are apportioned from the pass (recorded as such)
   calibrate     save a p-value calibration from a non-memorized reference file: prompts=FILE
   calibrate-check  organism: calibrate on half its non-memorized prompts, test on the other half
   report        one static HTML page over results/ -> results/report.html [RESULTS_DIR]
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     elif cmd == "report":
         from bench.report import main as report_main
         report_main(rest)
+    elif cmd == "detect-fused":
+        from bench.detect_fused import main as fused_main
+        fused_main(rest)
     elif cmd == "detect":
         from bench.runner import run_detect
         _hydra("detect", run_detect, rest)

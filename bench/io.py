@@ -193,7 +193,7 @@ class RunFolder:
 DETECT_COLUMNS = ["task", "model", "detector", "params", "n_gen", "steps", "auc", "auc_ci_low",
                   "auc_ci_high", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_closest",
                   "tpr_convention", "n_pos", "n_neg", "seconds_per_prompt", "unet_evals_per_prompt",
-                  "git_sha", "run"]
+                  "timing", "git_sha", "run"]
 
 
 def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "detect") -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """Mitigation leaderboard and plots, rebuilt only from run folders (kind ``mitigate``).
 
     from bench.mitigate_board import rebuild_mitigate
-    rebuild_mitigate("results")   # mitigate_leaderboard.csv/.md, plots/mitigate_tradeoff_*.png, *_fbmem_*.png
+    rebuild_mitigate("results")   # mitigate_leaderboard.csv/.md, plots/mitigate_tradeoff_*.png, *_fbmem_*.png,
+                                  # and the FB-Mem study (bench/fbmem_study.py)
 
 Derived columns need the ``none`` run of the same protocol (same ``protocol_hash``: task, model,
 seeds, steps, guidance, prompt selection): ``clip_delta`` = clip_score - none's clip_score, and the
@@ -152,6 +153,8 @@ def rebuild_mitigate(results_dir: str | Path = "results") -> list[Path]:
         if stale not in pngs:
             stale.unlink()
             print(f"removed stale {stale}", file=sys.stderr)
+    from bench.fbmem_study import rebuild_fbmem_study
+    written += rebuild_fbmem_study(results)
     for p in written + pngs:
         print(f"wrote {p}")
     return written + pngs

@@ -239,6 +239,10 @@ def _fmt(v, digits: int = 3) -> str:
     return str(int(round(f))) if digits == 0 else f"{f:.{digits}f}"
 
 
+def _fused(r) -> bool:
+    return str(r.get("timing", "")).startswith("apportioned")
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """One markdown table per task+model (rows in leaderboard order)."""
     if not len(df):
@@ -254,9 +258,13 @@ def markdown_table(df: pd.DataFrame) -> str:
             cells = [_fmt(r["detector"]), _fmt(r.get("n_gen"), 0), _fmt(r.get("steps"), 0),
                      f"{_fmt(r['auc'])} [{_fmt(r.get('auc_ci_low'))}, {_fmt(r.get('auc_ci_high'))}]",
                      _fmt(r.get("tpr_at_1pct_fpr")), _fmt(r.get("tpr_at_3pct_fpr")),
-                     *[_fmt(r[c]) for c in gcols], _fmt(r.get("seconds_per_prompt")),
+                     *[_fmt(r[c]) for c in gcols],
+                     _fmt(r.get("seconds_per_prompt")) + (" †" if _fused(r) else ""),
                      _fmt(r.get("unet_evals_per_prompt"))]
             out.append("| " + " | ".join(cells) + " |")
+        if any(_fused(r) for _, r in sub.iterrows()):
+            out += ["", "† seconds apportioned from one fused sampling pass by UNet rows "
+                        "(`diffmem detect-fused`, bench/detect_fused.py), not measured per configuration."]
         out.append("")
     return "\n".join(out)
 

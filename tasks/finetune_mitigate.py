@@ -12,6 +12,11 @@ the protocol (hence ``protocol_hash``) includes the fine-tuning config. Per imag
 targets; nearest neighbours over every image the model was trained on). Metrics add the training
 cost: ``train_cost_ratio`` (CPU seconds of the method's fine-tune / plain fine-tune's),
 ``fit_seconds`` (this run's fit: a cache load, or the build), and the build's CPU and wall seconds.
+
+Any other mitigator (``ON_PLAIN``: prompt rewrites, GNI, embed-opt, NeMo, NeMo-C, pruning) runs here
+on the plain fine-tune (``baselines.mitigators.train_time.OnPlainFinetune``), against the same ``none``:
+the FB-Mem study (``make fbmem-study``, ``bench/fbmem_study.py``) needs a model whose foreground-local
+family is memorized, and only the fine-tune has one.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TASK = "organism_finetune"
 GRID = ("train_none", "train_filter", "train_random_token", "train_cluster_augment")
+# every mitigator of part 1 and the model-side ones, applied to the plain fine-tune (the FB-Mem study)
+ON_PLAIN = ("rta", "rna", "cwr", "gni", "embed_opt", "nemo", "nemo_c", "pruning")
 
 
 def load_conf(path: Path | None = None) -> dict:
@@ -46,10 +53,17 @@ def mitigator_conf(mid: str) -> dict:
 
 
 def make_mitigator(mcfg: dict, strength: float, finetune: dict, cache_dir: str = ""):
+    """A training-time mitigator (``FinetuneMitigator``), or any other one wrapped to act on the plain
+    fine-tune (``OnPlainFinetune``)."""
     from hydra.utils import get_class
 
+    from baselines.mitigators.train_time import FinetuneMitigator, OnPlainFinetune
+
     kw = {k: v for k, v in mcfg.items() if k not in ("_target_", "id", "strengths", "strength")}
-    return get_class(mcfg["_target_"])(strength=float(strength), finetune=dict(finetune), cache_dir=cache_dir, **kw)
+    cls = get_class(mcfg["_target_"])
+    if issubclass(cls, FinetuneMitigator):
+        return cls(strength=float(strength), finetune=dict(finetune), cache_dir=cache_dir, **kw)
+    return OnPlainFinetune(inner=cls(strength=float(strength), **kw), finetune=dict(finetune), cache_dir=cache_dir)
 
 
 def strengths(mcfg: dict) -> list[float]:
@@ -68,8 +82,11 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
     model = model or build_model(cfg["model"])
     load_seconds = time.perf_counter() - t0
     fcfg = finetune_config_from_dict(cfg.get("finetune") or {})
-    world = finetune_world(world_for(None, model), fcfg)
+    base = world_for(None, model)
+    world = finetune_world(base, fcfg)
     prompts = list(world.eval_prompts)
+    # model-side methods' non-memorized reference prompts (NeMo's statistics): as bench.mitigate does
+    reference = [e.prompt for e in base.eval_prompts if e.group == "ordinary_seen"]
     seed = int(cfg.get("seed", 0))
     seeds = [seed + j for j in range(int(cfg["n_seeds"]))]
     spec = GenSpec(int(cfg["steps"]), float(cfg["guidance"]), int(cfg.get("batch_images", 64)))
@@ -93,7 +110,7 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
         if cfg.get("rerun") and run.complete:
             run.reset()
         t_fit, rows0 = time.perf_counter(), model.counter.rows
-        mit.fit(model, memorized=[e.prompt for e in prompts if e.label == 1], reference=[], seed=seed)
+        mit.fit(model, memorized=[e.prompt for e in prompts if e.label == 1], reference=reference, seed=seed)
         fit_seconds, fit_rows = time.perf_counter() - t_fit, model.counter.rows - rows0
         run.write_manifest(seeds={"seed": seed, "generation_seeds": seeds}, params=mit.params(), protocol=protocol,
                            protocol_hash=protocol_hash, judge=judge.protocol(), prompt_ids=[e.id for e in prompts],
@@ -171,8 +188,8 @@ def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | P
                        "pairs drawn by duplication weight, no caption dropout", "n_per_group": n_per_group,
            "quantiles": list(q), "seed": int(cfg.get("seed", 0))}
     for tag, m, w, names in (("base_organism", model, base, ("ordinary", "MV", "RV", "FG", "BG")),
-                             ("base_organism_on_new_set", model, ftw, ("ordinary", "FT_MV", "FT_FG")),
-                             ("plain_finetune", plain.finetuned, ftw, ("ordinary", "FT_MV", "FT_FG"))):
+                             ("base_organism_on_new_set", model, ftw, ("ordinary", "FT_MV", "FT_FG", "FT_BG")),
+                             ("plain_finetune", plain.finetuned, ftw, ("ordinary", "FT_MV", "FT_FG", "FT_BG"))):
         mags = noise_magnitudes(m, w, groups(w, names), n_per_group, seed=int(cfg.get("seed", 0)))
         res[tag] = {g: {"mean": float(v.mean()), **{f"q{int(x * 100)}": float(np.quantile(v, x)) for x in q}}
                     for g, v in mags.items()}
@@ -185,7 +202,9 @@ def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | P
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="training-time mitigators on the fine-tuning protocol")
     ap.add_argument("command", choices=("build", "calibrate", "run"))
-    ap.add_argument("--mitigators", default=",".join(GRID), help=f"comma list of conf/mitigator ids (default {','.join(GRID)})")
+    ap.add_argument("--mitigators", default=",".join(GRID),
+                    help=f"comma list of conf/mitigator ids (default {','.join(GRID)}; also {','.join(ON_PLAIN)}, "
+                         "applied to the plain fine-tune)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--conf", default=str(CONF / "finetune.yaml"))
     ap.add_argument("--rerun", action="store_true", help="re-measure finished runs (fine-tunes stay cached)")

@@ -10,16 +10,19 @@ plants a NEW duplicated set, drawn deterministically with MemWorld's drawing cod
   caption ("<word> <word> poster"), duplicated ``dup_mv`` times;
 - ``n_fg`` FG-style sprite families: one new sprite over ``fg_images`` ordinary backgrounds,
   captions "<word> <word> mascot on <background>", each pair duplicated ``dup_fg`` times
-  (local / foreground memorization).
+  (local / foreground memorization);
+- ``n_bg`` BG-style mosaic families: one new colour mosaic under ``bg_images`` ordinary shapes,
+  captions "a <colour> <shape> in the <word> <word> room", each pair duplicated ``dup_bg`` times
+  (local / background memorization). Same construction as MemWorld's BG family.
 The title words are taken after the base world's words in the same shuffled vocabulary, so they were
 never seen by the organism. The fine-tuning set is these pairs mixed with all of the base world's
 ordinary pairs (weight 1 each); the organism's own planted pairs are not trained again.
 
 ``finetune_world`` returns a ``MemWorld`` whose images are the base world's images followed by the new
 ones (so ``bench.copyscore.CopyJudge`` and ``tasks.groundtruth`` work on it unchanged: nearest-neighbour
-search covers everything the model was ever trained on), whose pairs are the fine-tuning pairs (groups ``ordinary``, ``FT_MV``, ``FT_FG``; the new images' kinds are
-``MV`` / ``FG`` so FB-Mem's memorized pool, ``bench.fbmem.memorized_pool``, includes them) and
-whose evaluation prompts are the new set's prompts (label 1, groups ``MV`` / ``FG``) followed by
+search covers everything the model was ever trained on), whose pairs are the fine-tuning pairs (groups ``ordinary``, ``FT_MV``, ``FT_FG``, ``FT_BG``; the new images'
+kinds are ``MV`` / ``FG`` / ``BG`` so FB-Mem's memorized pool, ``bench.fbmem.memorized_pool``, includes them) and
+whose evaluation prompts are the new set's prompts (label 1, groups ``MV`` / ``FG`` / ``BG``) followed by
 non-memorized utility prompts (the base world's ordinary seen / unseen captions, alternating).
 
 ``finetune`` fine-tunes a COPY of a model (the passed model is never modified) through THE training
@@ -48,7 +51,8 @@ from safetensors.torch import load_file, save_file
 from bench.model import DiffusionModel
 from bench.train import TrainConfig, TrainData, TrainHook, train
 from tasks.memworld import BACKGROUNDS, FAMILIES, TITLE_NOUNS, EvalPrompt, MemWorld
-from tasks.memworld_draw import draw_background, draw_distinct_image, draw_sprite, title_words
+from tasks.memworld_draw import (COLOURS, SHAPES, draw_background, draw_distinct_image, draw_mosaic, draw_sprite,
+                                 jitter_colour, paste_shape, title_words)
 
 UTILITY_GROUPS = ("ordinary_seen", "ordinary_unseen")
 
@@ -63,20 +67,24 @@ def default_finetune_train() -> TrainConfig:
 class FinetuneConfig:
     seed: int = 1                    # draws the new set (the base world uses its own seed)
     n_mv: int = 4
-    dup_mv: int = 100
+    dup_mv: int = 200                # Wen: 200 repeats (100 left MV unmemorized once BG was planted)
     n_fg: int = 1
     fg_images: int = 8
     dup_fg: int = 16
     eval_fg: int = 4                 # FG evaluation prompts per sprite (distinct captions)
+    n_bg: int = 1                    # BG-local families (FB-Mem study needs foreground AND background)
+    bg_images: int = 8
+    dup_bg: int = 16
+    eval_bg: int = 4
     n_utility: int = 8               # non-memorized evaluation prompts
     train: TrainConfig = field(default_factory=default_finetune_train)
 
     def __post_init__(self):
-        for k in ("n_mv", "dup_mv", "n_fg", "fg_images", "dup_fg"):
+        for k in ("n_mv", "dup_mv", "n_fg", "fg_images", "dup_fg", "n_bg", "bg_images", "dup_bg"):
             if getattr(self, k) < 0:
                 raise ValueError(f"FinetuneConfig.{k} = {getattr(self, k)} must be >= 0")
-        if self.n_mv + self.n_fg == 0:
-            raise ValueError("FinetuneConfig plants nothing: set n_mv > 0 or n_fg > 0")
+        if self.n_mv + self.n_fg + self.n_bg == 0:
+            raise ValueError("FinetuneConfig plants nothing: set n_mv, n_fg or n_bg > 0")
 
 
 def finetune_config_from_dict(d: dict) -> FinetuneConfig:
@@ -102,7 +110,7 @@ def finetune_world(base: MemWorld, cfg: FinetuneConfig = FinetuneConfig()) -> Me
     res = wc.res
     rng = np.random.default_rng([wc.seed, cfg.seed, 1000003])
     n_base_words = _base_title_count(wc)
-    n_new = cfg.n_mv + cfg.n_fg
+    n_new = cfg.n_mv + cfg.n_fg + cfg.n_bg
     words = iter(title_words(n_base_words + 2 * n_new, wc.seed)[n_base_words:])
     images, masks, kinds = list(base.images), list(base.masks), list(base.image_kind)
     captions, pair_image, pair_weight, pair_group = [], [], [], []
@@ -145,6 +153,21 @@ def finetune_world(base: MemWorld, cfg: FinetuneConfig = FinetuneConfig()) -> Me
             ids.append(i), caps.append(cap)
         for cap in list(dict.fromkeys(caps))[:cfg.eval_fg]:
             add_eval("FG", cap, ids, "fg")
+    for _ in range(cfg.n_bg):                        # same construction as MemWorld's BG family
+        mosaic = draw_mosaic(rng, res)
+        phrase = f"{next(words)} {next(words)} {TITLE_NOUNS['BG']}"
+        ids, caps = [], []
+        for _ in range(cfg.bg_images):
+            c, s = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+            img, mask = mosaic.copy(), np.zeros((res, res), bool)
+            paste_shape(img, mask, s, jitter_colour(COLOURS[c], rng), *rng.uniform(0.3, 0.7, 2),
+                        rng.uniform(0.18, 0.3), res)
+            i = add_image(img, mask, "BG")
+            cap = f"a {c} {s} in the {phrase}"
+            captions.append(cap), pair_image.append(i), pair_weight.append(cfg.dup_bg), pair_group.append("FT_BG")
+            ids.append(i), caps.append(cap)
+        for cap in list(dict.fromkeys(caps))[:cfg.eval_bg]:
+            add_eval("BG", cap, ids, "bg")
     pools = [[e for e in base.eval_prompts if e.group == g] for g in UTILITY_GROUPS]
     util = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:cfg.n_utility]
     evals += util

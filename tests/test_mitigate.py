@@ -76,6 +76,20 @@ def test_run_leaderboard_and_resume(tmp_path, small_organism, judge):
     assert lb.loc[lb.mitigator == "none", "clip_delta"].iloc[0] == 0
     assert lb["fbmem_mitigation_score"].notna().all()
     assert any(str(p).endswith(".png") and "tradeoff" in str(p) for p in written)
+    # the FB-Mem study: per family, shares from the per-image categories, score against none
+    st = pd.read_csv(tmp_path / "fbmem_study.csv")
+    assert any(str(p).endswith("fbmem_study.md") for p in written)
+    assert (tmp_path / "plots" / "fbmem_study_organism_organism-test.png").is_file()
+    assert set(st["family"]) == {"MV", "FG", "BG"} and len(st) == 3 * 3          # none + rta@2 + rta@6
+    none = st[st.mitigator == "none"]
+    assert (none["mitigation_score"] == 0).all()                                 # none against itself
+    assert np.allclose(st[["vm", "fm", "bm", "nm"]].sum(1), 1)
+    assert np.allclose(st["fg_memorized"], st["vm"] + st["fm"])
+    for _, r in st.iterrows():                                                    # shares = the per-image rows
+        rows_r = pd.read_csv(tmp_path / "runs" / r["run"] / "per_prompt.csv")
+        g = rows_r[(rows_r.label == 1) & (rows_r.group == r["family"])]
+        assert r["n_images"] == len(g) and r["vm"] == pytest.approx((g.fbmem_category == "VM").mean())
+        assert r["copy_rate"] == pytest.approx(g["copy"].mean())
 
 
 def test_shards_merge_into_the_plain_run(tmp_path, small_organism, judge):

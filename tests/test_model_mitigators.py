@@ -211,3 +211,44 @@ def test_wanda_bad_input(small_organism):
         WandaPrune().generate(small_organism, ["a"], SEEDS, SPEC)
     with pytest.raises(ValueError, match="memorized"):
         WandaPrune().fit(small_organism, memorized=[], reference=[])
+
+
+# ---------------------------------------------------------------------------------- NeMo-C
+def test_nemo_c_deactivates_the_cluster_union_for_every_member(small_organism, small_world):
+    from baselines.mitigators.nemo_c import NeMoC
+
+    mem = _prompts(small_world, 1, 4)
+    nc = NeMoC(tau_mem=0.0, n_seeds=4, n_clusters=2, k_selection="fixed")
+    nc.fit(small_organism, memorized=mem, reference=_prompts(small_world, 0, 12), seed=0)
+    assert sum(nc.cluster_sizes()) == 4 and len(nc.unions) == 2
+    for j, u in enumerate(nc.unions):            # union of the members' own NeMo neurons
+        members = [p for p, c in nc.cluster_of.items() if c == j]
+        assert u == frozenset().union(*(nc.localisations[p].neurons for p in members))
+    got = nc.neurons_for(small_organism, mem)
+    assert got == [nc.unions[nc.cluster_of[p]] for p in mem]
+    assert all(g >= nc.localisations[p].neurons for g, p in zip(got, mem))    # a member loses nothing
+    p = nc.params()
+    assert p["n_clusters_used"] == 2 and p["union_sizes"] == [len(u) for u in nc.unions]
+    capped = NeMoC(tau_mem=0.0, n_seeds=4, n_clusters=12, k_selection="fixed")   # k capped at n prompts
+    capped.fit(small_organism, memorized=mem[:2], reference=_prompts(small_world, 0, 12), seed=0)
+    assert len(capped.unions) == 2
+    sil = NeMoC(tau_mem=0.0, n_seeds=4, n_clusters=12)         # default: k by silhouette over 2..n-1
+    sil.fit(small_organism, memorized=mem, reference=_prompts(small_world, 0, 12), seed=0)
+    assert set(sil.silhouettes) == {2, 3} and len(sil.unions) == max(sil.silhouettes, key=sil.silhouettes.get)
+    assert sil.params()["silhouette_by_k"] == {str(k): v for k, v in sil.silhouettes.items()}
+
+
+def test_nemo_c_outside_prompts_and_reversibility(small_organism, small_world):
+    from baselines.mitigators.nemo_c import NeMoC
+
+    mem, other = _prompts(small_world, 1, 3), _prompts(small_world, 0, 2)
+    nc = NeMoC(tau_mem=1.0, n_seeds=4, n_clusters=2)          # tau 1: nothing passes NeMo's step 1
+    nc.fit(small_organism, memorized=mem, reference=_prompts(small_world, 0, 12), seed=0)
+    assert nc.neurons_for(small_organism, other) == [frozenset(), frozenset()]
+    forced = NeMoC(tau_mem=0.0, n_seeds=4, n_clusters=2)      # tau 0: outside prompts join the nearest cluster
+    forced.fit(small_organism, memorized=mem, reference=_prompts(small_world, 0, 12), seed=0)
+    assert all(n in forced.unions for n in forced.neurons_for(small_organism, other))
+    before, hooks = state_digest(small_organism.unet), _n_hooks(small_organism.unet)
+    out = forced.generate(small_organism, mem + other[:1], SEEDS, SPEC)
+    assert torch.isfinite(out.images).all()
+    assert state_digest(small_organism.unet) == before and _n_hooks(small_organism.unet) == hooks

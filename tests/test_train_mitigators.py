@@ -23,7 +23,8 @@ from bench.sampling import sample
 from bench.train import TrainConfig, train
 from tasks.finetune_world import FinetuneConfig, finetune_config_from_dict, finetune_world, train_data
 
-TINY = {"n_mv": 2, "dup_mv": 6, "n_fg": 1, "fg_images": 3, "dup_fg": 2, "eval_fg": 2, "n_utility": 2,
+TINY = {"n_mv": 2, "dup_mv": 6, "n_fg": 1, "fg_images": 3, "dup_fg": 2, "eval_fg": 2, "n_bg": 1, "bg_images": 3,
+        "dup_bg": 2, "eval_bg": 2, "n_utility": 2,
         "train": {"steps": 3, "batch_size": 8, "warmup": 1, "checkpoint_every": 2, "threads": 0}}
 SPEC = GenSpec(steps=3, guidance=7.5, batch_size=16)
 
@@ -42,16 +43,17 @@ def test_finetune_world_plants_a_new_set(small_world, ftw):
     n0 = small_world.n_images
     assert np.array_equal(ftw.images[:n0], small_world.images)              # base images kept, in order
     new = ftw.images[n0:]
-    assert len(new) == 2 + 3 and ftw.image_kind[n0:] == ["MV"] * 2 + ["FG"] * 3
-    assert set(ftw.pair_group) == {"ordinary", "FT_MV", "FT_FG"}             # base planted pairs not retrained
+    assert len(new) == 2 + 3 + 3 and ftw.image_kind[n0:] == ["MV"] * 2 + ["FG"] * 3 + ["BG"] * 3
+    assert set(ftw.pair_group) == {"ordinary", "FT_MV", "FT_FG", "FT_BG"}             # base planted pairs not retrained
     assert sum(g == "ordinary" for g in ftw.pair_group) == sum(g == "ordinary" for g in small_world.pair_group)
     base_words = {w for c in small_world.captions for w in c.split()} | \
                  {w for e in small_world.eval_prompts for w in e.prompt.split()}
     for c, g in zip(ftw.captions, ftw.pair_group):
         if g != "ordinary":
-            assert not set(c.split()[:2]) & base_words, c                    # rare words never seen
+            rare = c.split()[-3:-1] if g == "FT_BG" else c.split()[:2]        # "... in the <w> <w> room"
+            assert not set(rare) & base_words, c                                 # rare words never seen
     mem = [e for e in ftw.eval_prompts if e.label == 1]
-    assert [e.group for e in mem] == ["MV", "MV", "FG", "FG"]
+    assert [e.group for e in mem] == ["MV", "MV", "FG", "FG", "BG", "BG"]
     assert all(min(e.targets) >= n0 for e in mem)
     assert [e.label for e in ftw.eval_prompts[len(mem):]] == [0, 0]
     again = finetune_world(small_world, finetune_config_from_dict(TINY))
@@ -61,7 +63,7 @@ def test_finetune_world_plants_a_new_set(small_world, ftw):
     with pytest.raises(ValueError, match="unknown finetune config keys"):
         finetune_config_from_dict({"n_mvs": 3})
     with pytest.raises(ValueError, match="plants nothing"):
-        FinetuneConfig(n_mv=0, n_fg=0)
+        FinetuneConfig(n_mv=0, n_fg=0, n_bg=0)
 
 
 class Checking:
@@ -124,7 +126,7 @@ def test_filter_fit_cost_ratio_cache_and_model_untouched(small_organism, cache):
     assert r["train_cost_ratio"] == pytest.approx(r["finetune_cpu_seconds"] / r["plain_cpu_seconds"])
     assert 0 <= r["kept_fraction"] <= 1
     share = r["hook_report"][0]["kept_share"]
-    assert set(share) <= {"FT_MV", "FT_FG", "other"} and "other" in share
+    assert set(share) <= {"FT_MV", "FT_FG", "FT_BG", "other"} and "other" in share
     assert state_digest(small_organism.unet) == d0                          # the passed model is untouched
     out = f.generate(small_organism, ["a red circle"], [0], SPEC)
     assert state_digest(small_organism.unet) == d0
@@ -228,7 +230,7 @@ def test_runner_writes_mitigate_runs_for_the_leaderboard(small_organism, cache, 
                                  judge=FakeJudge(), progress=False)
     assert none[0]["mitigator"] == "none" and none[0]["train_cost_ratio"] == 1
     assert np.isfinite(none[0]["sscd_to_train_mean"]) and np.isfinite(filt[0]["copy_rate"])   # NaN cells skipped
-    assert none[0]["n_images_memorized"] == 4 and none[0]["n_images_utility"] == 2
+    assert none[0]["n_images_memorized"] == 6 and none[0]["n_images_utility"] == 2
     assert filt[0]["protocol_hash"] == none[0]["protocol_hash"] and filt[0]["task"] == "organism_finetune"
     df = mitigate_leaderboard(tmp_path / "runs")
     assert set(df["mitigator"]) == {"none", "wen_train_filter"}
@@ -249,3 +251,29 @@ def test_interrupted_build_is_restarted_not_resumed(small_organism, ftw, tmp_pat
     ft = finetune(small_organism, ftw, cfg, method=PLAIN, root=tmp_path)
     assert not ft.cached and not stale.exists() and (tmp_path / key / "manifest.json").is_file()
     assert ft.manifest["train_summary"]["steps"] == 3 and ft.manifest["cpu_seconds"] > 0
+
+
+def test_inference_mitigators_run_on_the_plain_finetune(small_organism, cache, tmp_path):
+    """The FB-Mem study applies every part-1 / model-side mitigator to the protocol's plain fine-tune."""
+    from baselines.mitigators.prompt_augment import RandomTokenAddition
+    from baselines.mitigators.train_time import OnPlainFinetune
+    from tasks.finetune_mitigate import make_mitigator, mitigator_conf, run_finetune_mitigate
+
+    mit = make_mitigator(mitigator_conf("rta"), 4, TINY, cache)
+    assert isinstance(mit, OnPlainFinetune) and mit.name == "rta" and mit.strength == 4
+    assert mit.strength_unit == RandomTokenAddition.strength_unit
+    before = state_digest(small_organism.unet)
+    mit.fit(small_organism, memorized=[], reference=[], seed=0)
+    plain = PlainFinetune(finetune=TINY, cache_dir=cache)
+    plain.fit(small_organism, seed=0)
+    assert plain._ft.cached and mit.fit_report["train_cost_ratio"] == 1           # the same plain fine-tune
+    got = mit.generate(small_organism, ["a red circle"], [0], SPEC)
+    ref = RandomTokenAddition(strength=4).generate(plain.finetuned, ["a red circle"], [0], SPEC)
+    assert torch.equal(got.images, ref.images) and state_digest(small_organism.unet) == before
+    cfg = {"model": {"kind": "organism", "size": "small"}, "finetune": TINY, "seed": 0, "n_seeds": 1, "steps": 2,
+           "guidance": 7.5, "batch_prompts": 4, "runs_dir": str(tmp_path / "runs"), "cache_dir": cache, "threads": 0}
+    none = run_finetune_mitigate(cfg, mitigator_conf("train_none"), model=small_organism, judge=FakeJudge())
+    nc = run_finetune_mitigate(cfg, {**mitigator_conf("nemo_c"), "tau_mem": 0.0, "n_seeds": 2},
+                               model=small_organism, judge=FakeJudge())
+    assert nc[0]["mitigator"] == "nemo_c" and nc[0]["protocol_hash"] == none[0]["protocol_hash"]
+    assert nc[0]["train_cost_ratio"] == 1 and json.loads(nc[0]["params"])["applied_to"].startswith("plain")

@@ -119,3 +119,46 @@ class PlainFinetune(FinetuneMitigator):
         super().__post_init__()
         if self.strength != 0:
             raise ValueError(f"plain fine-tuning has no strength; got {self.strength} (use 0)")
+
+
+@dataclass
+class OnPlainFinetune(Mitigator):
+    """An inference-time or model-side mitigator applied to the protocol's plain fine-tune.
+
+    The fine-tuning protocol is the only place where the organism memorizes a foreground-local family
+    (its own FG family does not copy, README "FB-Mem study"), so the FB-Mem study runs every mitigator
+    there: ``fit`` loads (or builds) the plain fine-tune, then fits ``inner`` on it; ``generate`` runs
+    ``inner`` on it. No extra training: ``train_cost_ratio`` = 1 (plain fine-tuning's cost).
+    """
+    inner: Mitigator = field(default_factory=Mitigator)
+    finetune: dict = field(default_factory=dict)
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        self.strength = self.inner.strength
+        self._plain = PlainFinetune(finetune=self.finetune, cache_dir=self.cache_dir)
+        self.fit_report: dict = {}
+
+    @property
+    def name(self) -> str:                         # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def strength_unit(self) -> str:                # type: ignore[override]
+        return self.inner.strength_unit
+
+    def fit(self, model: DiffusionModel, *, memorized: list[str], reference: list[str], seed: int = 0) -> None:
+        self._plain.fit(model, seed=seed)
+        self.inner.fit(self._plain.finetuned, memorized=memorized, reference=reference, seed=seed)
+        self.fit_report = {**self._plain.fit_report, "inner_fit": type(self.inner).__name__}
+
+    def generate(self, model: DiffusionModel, prompts: list[str], seeds: list[int], spec: GenSpec,
+                 *, seed: int = 0) -> SampleResult:
+        ft = self._plain.finetuned
+        if ft.counter is not model.counter:
+            raise RuntimeError(f"{self.name}: generate got a different model than fit; call fit on it first")
+        return self.inner.generate(ft, prompts, seeds, spec, seed=seed)
+
+    def params(self) -> dict:
+        return {**self.inner.params(), "applied_to": "plain fine-tune (organism_finetune protocol)",
+                "finetune": dataclasses.asdict(self._plain.protocol())}
