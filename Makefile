@@ -41,7 +41,7 @@ bench-detect: $(STAMP)  ## detection benchmark on the organism (default grid) ->
 	$(BIN)/diffmem detect -m detector=$(DETECT_GRID) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 
-bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {16,32}, one fused pass (about 70 min on 2 cores)
+bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {16,32}, one fused pass (about 66 min on 2 cores)
 	$(BIN)/diffmem detect-fused detectors=$(DETECT_EXTRA) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 

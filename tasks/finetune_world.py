@@ -134,40 +134,46 @@ def finetune_world(base: MemWorld, cfg: FinetuneConfig = FinetuneConfig()) -> Me
         cap = f"{next(words)} {next(words)} {TITLE_NOUNS['MV']}"
         captions.append(cap), pair_image.append(i), pair_weight.append(cfg.dup_mv), pair_group.append("FT_MV")
         add_eval("MV", cap, [i], "full")
+    def local_family(fam: str, n_images: int, dup: int, n_eval: int, region: str, draw) -> None:
+        """One FG- or BG-style family: ``draw(phrase)`` -> (image, mask, caption) per member."""
+        phrase = f"{next(words)} {next(words)} {TITLE_NOUNS[fam]}"
+        ids, caps = [], []
+        for _ in range(n_images):
+            img, mask, cap = draw(phrase)
+            i = add_image(img, mask, fam)
+            captions.append(cap), pair_image.append(i), pair_weight.append(dup), pair_group.append(f"FT_{fam}")
+            ids.append(i), caps.append(cap)
+        for cap in list(dict.fromkeys(caps))[:n_eval]:
+            add_eval(fam, cap, ids, region)
+
     size = max(4, res // 2)
     bg_names = list(BACKGROUNDS)
-    for _ in range(cfg.n_fg):
-        sprite, disc = draw_sprite(rng, size)
-        phrase = f"{next(words)} {next(words)} {TITLE_NOUNS['FG']}"
-        ids, caps = [], []
-        for _ in range(cfg.fg_images):               # same construction as MemWorld's FG family
+
+    def sprite_on_background(sprite, disc):          # same construction as MemWorld's FG family
+        def draw(phrase):
             bg = bg_names[rng.integers(len(bg_names))]
             img = draw_background(bg, rng, res)
             mask = np.zeros((res, res), bool)
             x0, y0 = (int(v) for v in rng.integers(0, res - size + 1, 2))
             img[:, y0:y0 + size, x0:x0 + size][:, disc] = sprite[:, disc]
             mask[y0:y0 + size, x0:x0 + size] = disc
-            i = add_image(img, mask, "FG")
-            cap = f"{phrase} on {BACKGROUNDS[bg]}"
-            captions.append(cap), pair_image.append(i), pair_weight.append(cfg.dup_fg), pair_group.append("FT_FG")
-            ids.append(i), caps.append(cap)
-        for cap in list(dict.fromkeys(caps))[:cfg.eval_fg]:
-            add_eval("FG", cap, ids, "fg")
-    for _ in range(cfg.n_bg):                        # same construction as MemWorld's BG family
-        mosaic = draw_mosaic(rng, res)
-        phrase = f"{next(words)} {next(words)} {TITLE_NOUNS['BG']}"
-        ids, caps = [], []
-        for _ in range(cfg.bg_images):
-            c, s = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+            return img, mask, f"{phrase} on {BACKGROUNDS[bg]}"
+        return draw
+
+    def shape_on_mosaic(mosaic):                     # same construction as MemWorld's BG family
+        def draw(phrase):
+            c, sh = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
             img, mask = mosaic.copy(), np.zeros((res, res), bool)
-            paste_shape(img, mask, s, jitter_colour(COLOURS[c], rng), *rng.uniform(0.3, 0.7, 2),
+            paste_shape(img, mask, sh, jitter_colour(COLOURS[c], rng), *rng.uniform(0.3, 0.7, 2),
                         rng.uniform(0.18, 0.3), res)
-            i = add_image(img, mask, "BG")
-            cap = f"a {c} {s} in the {phrase}"
-            captions.append(cap), pair_image.append(i), pair_weight.append(cfg.dup_bg), pair_group.append("FT_BG")
-            ids.append(i), caps.append(cap)
-        for cap in list(dict.fromkeys(caps))[:cfg.eval_bg]:
-            add_eval("BG", cap, ids, "bg")
+            return img, mask, f"a {c} {sh} in the {phrase}"
+        return draw
+
+    for _ in range(cfg.n_fg):
+        sprite, disc = draw_sprite(rng, size)            # drawn before the phrase's words, as before
+        local_family("FG", cfg.fg_images, cfg.dup_fg, cfg.eval_fg, "fg", sprite_on_background(sprite, disc))
+    for _ in range(cfg.n_bg):
+        local_family("BG", cfg.bg_images, cfg.dup_bg, cfg.eval_bg, "bg", shape_on_mosaic(draw_mosaic(rng, res)))
     pools = [[e for e in base.eval_prompts if e.group == g] for g in UTILITY_GROUPS]
     util = [p[i] for i in range(max(map(len, pools))) for p in pools if i < len(p)][:cfg.n_utility]
     evals += util
