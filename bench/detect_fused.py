@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from baselines.detectors.generation_density import GenerationDensity
 from baselines.detectors.noise_magnitude import NoiseMagnitude
 from bench.io import RunFolder, rebuild_leaderboard
-from bench.runner import build_model, build_task, detect_result, instantiate
+from bench.runner import build_model, build_task, detect_result, detect_row, detect_run_config, instantiate
 from bench.sampling import StepInfo, sample
 
 TIMING = ("apportioned from a fused pass: pass sampling seconds x (this configuration's UNet rows / the pass's "
@@ -126,8 +126,7 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
     ids = [c["detector"].get("id") or d.name for c, d in zip(cfgs, dets)]
     runs = []
     for c, d, det_id in zip(cfgs, dets, ids):
-        run_cfg = {"kind": "detect", "task": c["task"], "model": c["model"], "detector": c["detector"],
-                   "seed": seed, "prompt_set_sha256": ps.sha256, "model_fingerprint": model.fingerprint()}
+        run_cfg = detect_run_config(c, ps.sha256, model)
         run = RunFolder(c.get("runs_dir", "results/runs"), "detect", c["task"]["name"], model.name, det_id, run_cfg)
         if c.get("rerun") and run.complete:
             run.reset()
@@ -158,10 +157,7 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
             sec = got["sample_seconds"] / len(idx) * own / rows_pass
             if isinstance(d, GenerationDensity):
                 sec += got["sim_seconds"][_sim_key(d)] / len(idx) * d.n_gen / max(x.n_gen for x in dets)
-            run.append_rows([{"id": ps.ids[i], "prompt": ps.prompts[i], "label": int(ps.labels[i]),
-                              "group": ps.groups[i], "family": ps.extra.get("family", ps.types)[i] or "",
-                              "type": ps.types[i], "score": repr(float(v)), "seconds": sec, "unet_evals": own}
-                             for i, v in zip(idx, s) if ps.ids[i] not in done[k]])
+            run.append_rows([detect_row(ps, i, v, sec, own) for i, v in zip(idx, s) if ps.ids[i] not in done[k]])
         bar.update(len(idx))
     bar.close()
     out = []

@@ -111,6 +111,20 @@ def instantiate(dcfg: dict):
 
 
 # ---------------------------------------------------------------------- detection
+def detect_run_config(cfg: dict, ps_sha256: str, model: DiffusionModel) -> dict:
+    """The config a detect run folder is named and checked by (plain and fused runs share it, so they
+    resume each other)."""
+    return {"kind": "detect", "task": cfg["task"], "model": cfg["model"], "detector": cfg["detector"],
+            "seed": int(cfg.get("seed", 0)), "prompt_set_sha256": ps_sha256, "model_fingerprint": model.fingerprint()}
+
+
+def detect_row(ps: PromptSet, i: int, score: float, seconds: float, unet_evals: float) -> dict:
+    """One per_prompt.csv row of a detect run."""
+    return {"id": ps.ids[i], "prompt": ps.prompts[i], "label": int(ps.labels[i]), "group": ps.groups[i],
+            "family": ps.extra.get("family", ps.types)[i] or "", "type": ps.types[i], "score": repr(float(score)),
+            "seconds": seconds, "unet_evals": unet_evals}
+
+
 def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool = True) -> dict:
     """Score ``cfg['task']`` with ``cfg['detector']`` on ``cfg['model']``; returns metrics.
 
@@ -131,8 +145,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     det = instantiate(cfg["detector"])
     det_id = cfg["detector"].get("id") or det.name
     seed = int(cfg.get("seed", 0))
-    run_cfg = {"kind": "detect", "task": cfg["task"], "model": cfg["model"], "detector": cfg["detector"],
-               "seed": seed, "prompt_set_sha256": ps_all.sha256, "model_fingerprint": model.fingerprint()}
+    run_cfg = detect_run_config(cfg, ps_all.sha256, model)
     run = RunFolder(cfg.get("runs_dir", "results/runs"), "detect", cfg["task"]["name"], model.name, det_id,
                     run_cfg, shard=shard)
     if cfg.get("rerun") and run.complete:      # re-measure finished runs; partial ones resume
@@ -157,10 +170,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
             raise FloatingPointError(f"detector {det_id} returned {scores.shape} scores with "
                                      f"{int((~np.isfinite(scores)).sum())} non-finite for prompts "
                                      f"{[ps.ids[i] for i in idx][:5]}...; nothing of this batch was written")
-        run.append_rows([{"id": ps.ids[i], "prompt": ps.prompts[i], "label": int(ps.labels[i]),
-                          "group": ps.groups[i], "family": ps.extra.get("family", ps.types)[i] or "",
-                          "type": ps.types[i], "score": repr(float(s)), "seconds": dt / len(idx),
-                          "unet_evals": rows / len(idx)} for i, s in zip(idx, scores)])
+        run.append_rows([detect_row(ps, i, s, dt / len(idx), rows / len(idx)) for i, s in zip(idx, scores)])
         bar.update(len(idx))
     bar.close()
     if not shard.whole:
