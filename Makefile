@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS ?= 2
-ORGANISM_OUT ?= tasks/artifacts/organism-v1
+ORGANISM_VERSION ?= $(or $(DIFFMEM_ORGANISM),v2)
 # default detection grid, about 14.5 min on 2 cores by the committed run records (the full Table-1 grid, SSCD density included, is bench-detect-full)
 DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4
 # mitigation grid: none first (the reference of clip_delta and the FB-Mem mitigation score)
@@ -18,7 +18,7 @@ STUDY_GRID ?= rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
 # density_sscd_n4 keeps its plain, timed run (make bench-detect DETECT_GRID=density_sscd_n4)
 DETECT_EXTRA ?= nm_n4_k50,nm_n32_k10,nm_n32_k50,density_pixel_n16,density_pixel_n32,density_sscd_n16,density_sscd_n32
 
-.PHONY: help setup test bench-detect bench-detect-full bench-mitigate fbmem-study finetunes bench-mitigate-train leaderboard organism groundtruth explain-study nemo-study bench-faiss clean-runs report calibrate-check bench-speed
+.PHONY: help setup test bench-detect bench-detect-full bench-mitigate fbmem-study finetunes bench-mitigate-train leaderboard organism organisms groundtruth organism-compare explain-study nemo-study bench-faiss clean-runs report calibrate-check bench-speed
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -67,11 +67,18 @@ bench-speed: $(STAMP)  ## detection speed vs its cost floor (bare UNet + text en
 leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
 	$(BIN)/diffmem leaderboard
 
-organism: $(STAMP)  ## rebuild the organism from its seed (about 45 min on 2 CPU cores)
-	$(BIN)/diffmem organism --threads $(THREADS) --out $(ORGANISM_OUT)
+organism: $(STAMP)  ## rebuild the organism from its seed (ORGANISM_VERSION=v1|v2|v2-clip; about 45-50 min on 2 CPU cores)
+	$(BIN)/diffmem organism --version $(ORGANISM_VERSION) --threads $(THREADS)
 
-groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth.csv
-	$(BIN)/diffmem groundtruth
+groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth_<version>.csv
+	$(BIN)/diffmem groundtruth --version $(ORGANISM_VERSION)
+
+organisms: $(STAMP)  ## rebuild both text-encoder variants of the default world (v2: frozen MiniLM, v2-clip: CLIPTextModel from scratch; about 95 min)
+	$(BIN)/diffmem organism --version v2 --threads $(THREADS)
+	$(BIN)/diffmem organism --version v2-clip --threads $(THREADS)
+
+organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.organism_compare --threads $(THREADS)
 
 explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study.{csv,md} + plots/explain_study.png
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.explain_study --threads $(THREADS)

@@ -47,9 +47,8 @@ def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
     kind = mcfg.get("kind", "folder")
     device, dtype = shard_device(mcfg.get("device", "cpu"), shard), mcfg.get("dtype", "float32")
     if kind == "organism":
-        from tasks.organism import OrganismConfig, load_organism, small_config
-        ocfg = small_config() if mcfg.get("size", "default") == "small" else OrganismConfig()
-        return load_organism(ocfg, device=device, dtype=dtype)
+        from tasks.organism import load_organism
+        return load_organism(_organism_cfg(mcfg), device=device, dtype=dtype)
     if kind == "oracle":
         from tasks.oracle import oracle_model
         return oracle_model(world_for(mcfg), dtype=dtype)
@@ -63,13 +62,19 @@ def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
 def world_for(mcfg: dict | None, model: DiffusionModel | None = None):
     """The MemWorld a model was trained on: read from its folder when it has one."""
     from tasks.memworld import build_memworld, config_from_dict
-    from tasks.organism import OrganismConfig, small_config
 
     if model is not None and model.path and (Path(model.path) / "diffmem.json").is_file():
         meta = json.loads((Path(model.path) / "diffmem.json").read_text())
         return build_memworld(config_from_dict(meta["config"]["world"]))
-    small = (mcfg or {}).get("size", "default") == "small"
-    return build_memworld((small_config() if small else OrganismConfig()).world)
+    return build_memworld(_organism_cfg(mcfg or {}).world)
+
+
+def _organism_cfg(mcfg: dict):
+    from tasks.organism import DEFAULT_VERSION, organism_config, small_config
+
+    if mcfg.get("size", "default") == "small":
+        return small_config()
+    return organism_config(str(mcfg.get("version", DEFAULT_VERSION)))
 
 
 def organism_promptset(world) -> PromptSet:

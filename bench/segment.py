@@ -265,9 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-seeds", type=int, default=2, help="seeds per MV/RV prompt for the generation check; 0 skips it")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tasks.organism import OrganismConfig, load_organism, organism_world
+    from tasks.organism import load_organism, organism_world
 
-    world = organism_world(OrganismConfig())
+    world = organism_world()
     report: dict = {"world": "organism MemWorld (seed 0), exact masks"}
     segs = [MemWorldCNNSegmenter(), BorderPaletteSegmenter()]
     for s in segs:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
         ev = [e for e in world.eval_prompts if e.group in ("MV", "RV")]
         seeds = list(range(args.gen_seeds))
-        res = sample(load_organism(OrganismConfig()), [e.prompt for e in ev], seeds, steps=50, guidance=7.5)
+        res = sample(load_organism(), [e.prompt for e in ev], seeds, steps=50, guidance=7.5)
         gens = res.images.float().clamp(0, 1).numpy()
         true = np.repeat(world.masks[[e.targets[0] for e in ev]], len(seeds), axis=0)
         for s in segs:

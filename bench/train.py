@@ -66,9 +66,19 @@ def _caption_table(model: DiffusionModel, captions: list[str], chunk: int = 256)
     return table.clone(), torch.tensor([pos[c] for c in captions])
 
 
+def _token_table(model: DiffusionModel, captions: list[str]) -> tuple[dict, torch.Tensor]:
+    """Text encoder trained jointly: tokenize every distinct caption once; (encodings [U+1, L], index [P])."""
+    uniq = [""] + sorted(set(captions) - {""})
+    pos = {c: i for i, c in enumerate(uniq)}
+    enc = model.tokenize(uniq)
+    keep = ["input_ids"] + (["attention_mask"] if model._uses_attention_mask else [])
+    return {k: enc[k] for k in keep}, torch.tensor([pos[c] for c in captions])
+
+
 def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str | Path, *,
-          hooks: tuple[TrainHook, ...] = (), progress: bool = True) -> dict:
-    """Train ``model.unet`` in place (the text encoder stays frozen); returns a summary dict."""
+          hooks: tuple[TrainHook, ...] = (), progress: bool = True, train_text_encoder: bool = False) -> dict:
+    """Train ``model.unet`` in place; the text encoder stays frozen (its caption states computed once)
+    unless ``train_text_encoder`` (a from-scratch encoder trained jointly). Returns a summary dict."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
@@ -76,12 +86,19 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
     unet = model.unet
     unet.train().requires_grad_(True)
     params = [p for p in unet.parameters()]
+    te = model.text_encoder if train_text_encoder else None
+    if te is not None:
+        te.train().requires_grad_(True)
+        params += list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
     sched = model.make_scheduler()
     acp = sched.alphas_cumprod.to(model.device, torch.float32)
     T = sched.config.num_train_timesteps
-    table, cap_idx = _caption_table(model, data.captions)
+    if te is None:
+        table, cap_idx = _caption_table(model, data.captions)
+    else:
+        tokens, cap_idx = _token_table(model, data.captions)
     x0_all = data.x0.to(model.device, model.dtype)
     weights = data.pair_weight.to(torch.float64)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -89,7 +106,7 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
     step, history, seconds = 0, [], 0.0
     ck = out / "checkpoint.safetensors"
     if ck.is_file():
-        step, history, seconds = _load_checkpoint(ck, unet, opt, ema, gen)
+        step, history, seconds = _load_checkpoint(ck, unet, opt, ema, gen, te)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress)
     t_start = time.perf_counter() - seconds
     while step < cfg.steps:
@@ -98,7 +115,11 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
         noise = torch.randn((cfg.batch_size, *x0_all.shape[1:]), generator=gen).to(model.device, model.dtype)
         t = torch.randint(0, T, (cfg.batch_size,), generator=gen).to(model.device)
         x0 = x0_all[data.pair_image[pairs]]
-        emb = table[torch.where(drop, 0, cap_idx[pairs] + 0)]
+        rows = torch.where(drop, 0, cap_idx[pairs] + 0)
+        if te is None:
+            emb = table[rows]
+        else:
+            emb = te(**{k: v[rows].to(model.device) for k, v in tokens.items()})[0].to(model.dtype)
         a = acp[t].view(-1, *([1] * (x0.dim() - 1))).to(model.dtype)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for g in opt.param_groups:
@@ -107,7 +128,7 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
         per_sample = ((pred.float() - noise.float()) ** 2).flatten(1).mean(1)
         keep = torch.ones_like(per_sample, dtype=torch.bool)
         for h in hooks:
-            keep &= h.keep(model, x_t, t, emb, pred.detach())
+            keep &= h.keep(model, x_t, t, emb.detach(), pred.detach())
         if keep.any():
             loss = per_sample[keep].mean()
             opt.zero_grad(set_to_none=True)
@@ -128,13 +149,15 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
             recent = [h[1] for h in history[-100:] if not math.isnan(h[1])]
             bar.set_postfix(loss=f"{sum(recent) / max(1, len(recent)):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_checkpoint(ck, unet, opt, ema, gen, step, history, time.perf_counter() - t_start)
+            _save_checkpoint(ck, unet, opt, ema, gen, step, history, time.perf_counter() - t_start, te)
     bar.close()
     if ema is not None:
         with torch.no_grad():
             for e, p in zip(ema, params):
                 p.copy_(e)
     unet.eval().requires_grad_(False)
+    if te is not None:
+        te.eval().requires_grad_(False)
     recent = [h[1] for h in history[-100:] if not math.isnan(h[1])]
     summary = {"config": asdict(cfg), "steps": step, "seconds": time.perf_counter() - t_start,
                "loss_last100": sum(recent) / max(1, len(recent)),
@@ -144,8 +167,10 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
     return summary
 
 
-def _save_checkpoint(path: Path, unet, opt, ema, gen, step, history, seconds) -> None:
+def _save_checkpoint(path: Path, unet, opt, ema, gen, step, history, seconds, te=None) -> None:
     tensors = {f"unet.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()}
+    if te is not None:
+        tensors.update({f"text.{k}": v.detach().contiguous() for k, v in te.state_dict().items()})
     for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
@@ -159,13 +184,15 @@ def _save_checkpoint(path: Path, unet, opt, ema, gen, step, history, seconds) ->
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, unet, opt, ema, gen):
+def _load_checkpoint(path: Path, unet, opt, ema, gen, te=None):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    if te is not None:
+        te.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
         st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}

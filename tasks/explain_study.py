@@ -40,7 +40,7 @@ from matplotlib.figure import Figure
 from baselines.detectors.noise_magnitude import NoiseMagnitude
 from baselines.explainers.token_significance import TokenScores, TokenSignificance
 from bench.model import DiffusionModel
-from tasks.memworld import TITLE_NOUNS, MemWorld
+from tasks.memworld import TITLE_NOUNS, VARIANT_WORDS, MemWorld
 
 STUDY_FAMILIES = ("MV", "FG", "BG", "RV", "TV")
 ISSUE_FAMILIES = ("MV", "FG", "BG")
@@ -60,10 +60,19 @@ def token_words(model: DiffusionModel, prompt: str, res: TokenScores) -> list[in
 
 
 def trigger_word_sets(prompt: str, family: str) -> tuple[set[int], set[int]]:
-    """(rare-word indices, phrase indices) of a planted caption: the two words before the family noun."""
+    """(rare-word indices, phrase indices) of a planted caption: the two words before the family noun
+    (organism v1), or, for titles without a noun (v2), the two title words by the family's caption
+    form: the first two words (MV, RV, TV, FG) or the last two (BG: "a <colour> <shape> in the <w1> <w2>")."""
     words = prompt.split()
     noun = TITLE_NOUNS[family]
     at = [i for i, w in enumerate(words) if w == noun]
+    if not at:
+        form = {"MV": len(words) == 2, "RV": len(words) == 2, "TV": len(words) == 3 and words[2] in VARIANT_WORDS,
+                "FG": len(words) >= 4 and words[2] == "on", "BG": len(words) == 7 and words[3:5] == ["in", "the"]}
+        if not form.get(family):
+            raise ValueError(f"{family} prompt {prompt!r} does not hold a two-word title of its family's form")
+        first = 5 if family == "BG" else 0
+        return {first, first + 1}, {first, first + 1}
     if len(at) != 1 or at[0] < 2:
         raise ValueError(f"{family} prompt {prompt!r} does not hold one '<rare> <rare> {noun}' phrase")
     return {at[0] - 2, at[0] - 1}, {at[0] - 2, at[0] - 1, at[0]}
@@ -230,11 +239,12 @@ def plot(summary: pd.DataFrame, out_png: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     from bench.runner import world_for
-    from tasks.organism import load_organism
+    from tasks.organism import DEFAULT_VERSION, ORGANISMS, load_organism, organism_config
 
     ap = argparse.ArgumentParser(description="token-significance acceptance study on the organism")
     ap.add_argument("--out", default="results", help="folder for explain_study.* (plot under plots/)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(ORGANISMS), help="organism version")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-gen", type=int, default=1, help="explainer generations")
     ap.add_argument("--target-steps", type=int, default=50, help="explainer: first k of 50 steps")
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model = load_organism()
+    model = load_organism(organism_config(a.version))
     world = world_for(None, model)
     explainer = TokenSignificance(n_gen=a.n_gen, target_steps=a.target_steps,
                                   swap_guidance_quirk=a.swap_guidance_quirk)

@@ -145,14 +145,16 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from tasks.organism import OrganismConfig, default_dir, load_organism, organism_world
+    from tasks.organism import DEFAULT_VERSION, ORGANISMS, default_dir, load_organism, organism_config, organism_world
 
     ap = argparse.ArgumentParser(description="measure the organism's ground truth")
+    ap.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(ORGANISMS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = OrganismConfig()
+    cfg = organism_config(args.version)
+    stem = f"organism_groundtruth_{args.version}"
     model = load_organism(cfg)
     world = organism_world(cfg)
     t0 = time.perf_counter()
@@ -160,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     summ = summarize(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "organism_groundtruth.csv", index=False, float_format="%.4f")
-    summ.to_csv(out / "organism_groundtruth_summary.csv", index=False, float_format="%.3f")
-    (out / "organism_groundtruth_summary.md").write_text(summ.to_markdown(index=False, floatfmt=".3f")
+    df.to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
+    summ.to_csv(out / f"{stem}_summary.csv", index=False, float_format="%.3f")
+    (out / f"{stem}_summary.md").write_text(summ.to_markdown(index=False, floatfmt=".3f")
                                                          if _has_tabulate() else summ.to_string(index=False))
     manifest = {"protocol": {"sampler": "DDIM", "steps": 50, "guidance": 7.5, "seeds": [0, 1, 2, 3],
                              "copy_measure": "region cn-RMSE to nearest target < family threshold",

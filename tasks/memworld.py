@@ -66,6 +66,11 @@ class MemWorldConfig:
     n_eval_random: int = 100
     eval_per_local: int = 4          # eval prompts per TV template / FG sprite / BG texture
     noise_std: float = 0.015
+    # v2 (fixes the rarity confound measured on v1, see organism.py): titles without a family noun, and
+    # many more trained-once captions of each family's form (not evaluated), so that a caption's form
+    # no longer points at the duplicated images
+    title_nouns: bool = True         # "<w1> <w2> poster" (v1) or "<w1> <w2>"
+    singletons_per_family: int = 0   # extra trained-once pairs per family form, beyond the evaluated n_controls
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def build_memworld(cfg: MemWorldConfig = MemWorldConfig()) -> MemWorld:
     pool = iter(title_words(2 * n_caps, cfg.seed))
 
     def title(fam: str) -> str:
-        return f"{next(pool)} {next(pool)} {TITLE_NOUNS[fam]}"
+        return f"{next(pool)} {next(pool)}" + (f" {TITLE_NOUNS[fam]}" if cfg.title_nouns else "")
 
     # ordinary pairs
     triples = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
@@ -273,7 +278,6 @@ def build_memworld(cfg: MemWorldConfig = MemWorldConfig()) -> MemWorld:
         for _ in range(cfg.n_controls):
             cap, _ = control(fam, rng)          # image drawn (and discarded) to keep forms identical
             fam_eval(f"{fam}_never", fam, cap, [], "", label=0)
-
     # ordinary evaluation prompts
     uniq_seen = sorted(set(seen_caps))
     pick = rng.choice(len(uniq_seen), size=min(cfg.n_eval_seen, len(uniq_seen)), replace=False)
@@ -288,6 +292,16 @@ def build_memworld(cfg: MemWorldConfig = MemWorldConfig()) -> MemWorld:
     # short random-token strings (Wen's "random" negatives, at most 12 tokens to fit the organism's 32)
     for p in random_token_prompts(cfg.n_eval_random, cfg.seed + 104729, max_tokens=12):
         fam_eval("random_tokens", "", p, [], "", label=0)
+
+    if cfg.singletons_per_family:
+        # own generator and words drawn after every evaluated caption's, so the evaluation set and the
+        # rest of the world are the same as without them (drawn last: image noise uses the main generator)
+        pool = iter(title_words(2 * (n_caps + len(FAMILIES) * cfg.singletons_per_family), cfg.seed)[2 * n_caps:])
+        srng = np.random.default_rng(cfg.seed + 31337)
+        for fam in FAMILIES:
+            for _ in range(cfg.singletons_per_family):
+                cap, (img, mask) = control(fam, srng)
+                add_pair(add_image(img, mask, f"{fam}_single"), cap, 1, f"{fam}_single")
 
     trained_caps = set(captions)
     for e in evals:

@@ -39,11 +39,38 @@ class OrganismConfig:
     attention_head_dim: int = 8
     max_length: int = 32
     version: str = "v1"
+    text_encoder: str = "minilm"     # minilm (frozen, pretrained) | clip_scratch (trained jointly)
 
     @property
     def hash(self) -> str:
-        d = json.dumps(asdict(self), sort_keys=True, default=str)
-        return hashlib.sha256(d.encode()).hexdigest()[:12]
+        d = asdict(self)
+        # fields added after v1 are left out of the hash at their v1 value, so v1 keeps its committed hash
+        for key, legacy in _ADDED_AT_LEGACY.items():
+            parent, _, name = key.rpartition(".")
+            sub = d[parent] if parent else d
+            if sub.get(name) == legacy:
+                del sub[name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+_ADDED_AT_LEGACY = {"text_encoder": "minilm", "world.title_nouns": True, "world.singletons_per_family": 0}
+# the from-scratch CLIP text encoder (organism_notes' measured configuration: hidden 64, 2 layers, 4 heads)
+CLIP_SCRATCH = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                    eos_token_id=49407, pad_token_id=49407)
+_V2_WORLD = MemWorldConfig(title_nouns=False, singletons_per_family=400, dup_mv=50)
+ORGANISMS = {"v1": OrganismConfig(),
+             "v2": OrganismConfig(world=_V2_WORLD, version="v2"),
+             "v2-clip": OrganismConfig(world=_V2_WORLD, version="v2-clip", text_encoder="clip_scratch")}
+# the committed organism is v2; DIFFMEM_ORGANISM=v1 (restored from git 0fd6b40 or rebuilt) re-runs the
+# published v1 figures with every command (the model's name, organism-<version>, is in every result)
+DEFAULT_VERSION = os.environ.get("DIFFMEM_ORGANISM", "v2")
+
+
+def organism_config(version: str = DEFAULT_VERSION) -> OrganismConfig:
+    if version not in ORGANISMS:
+        raise ValueError(f"unknown organism version {version!r}; known: {sorted(ORGANISMS)}")
+    return ORGANISMS[version]
 
 
 def unet_config(cfg: OrganismConfig, cross_dim: int) -> dict:
@@ -57,13 +84,20 @@ def unet_config(cfg: OrganismConfig, cross_dim: int) -> dict:
 
 
 def fresh_model(cfg: OrganismConfig, *, seed: int | None = None) -> DiffusionModel:
-    """Untrained organism (UNet initialised from ``seed``, frozen pretrained text encoder)."""
+    """Untrained organism (UNet, and the text encoder if trained from scratch, initialised from ``seed``)."""
     from diffusers import UNet2DConditionModel
 
-    from bench.model import _load_package_text_encoder
-
-    text_encoder, tokenizer = _load_package_text_encoder(TEXT_PACKAGE)
     torch.manual_seed(cfg.train.seed if seed is None else seed)
+    if cfg.text_encoder == "minilm":
+        from bench.model import _load_package_text_encoder
+        text_encoder, tokenizer = _load_package_text_encoder(TEXT_PACKAGE)
+    elif cfg.text_encoder == "clip_scratch":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from bench.tokenizer import clip_tokenizer
+        text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**CLIP_SCRATCH)), clip_tokenizer()
+    else:
+        raise ValueError(f"text_encoder must be 'minilm' or 'clip_scratch', got {cfg.text_encoder!r}")
     unet = UNet2DConditionModel(**unet_config(cfg, text_encoder.config.hidden_size))
     return assemble(unet, text_encoder, tokenizer, SCHEDULER, max_length=cfg.max_length,
                     name=f"organism-{cfg.version}")
@@ -80,14 +114,19 @@ def save_organism(model: DiffusionModel, cfg: OrganismConfig, out: Path, extra: 
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    scratch = cfg.text_encoder == "clip_scratch"
+    if scratch:           # trained weights travel with the folder; the frozen MiniLM stays in its package
+        model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        model.tokenizer.save_pretrained(out / "tokenizer")
+    te = ["CLIPTextModel", "CLIPTokenizer"] if scratch else ["BertModel", "BertTokenizer"]
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizer"],
+        "text_encoder": ["transformers", te[0]], "tokenizer": ["transformers", te[1]],
     }, indent=2))
     (out / "diffmem.json").write_text(json.dumps({
-        "text_encoder_package": TEXT_PACKAGE, "max_length": cfg.max_length, "config_hash": cfg.hash,
-        "config": asdict(cfg), **extra}, indent=2, default=str))
+        **({} if scratch else {"text_encoder_package": TEXT_PACKAGE}), "max_length": cfg.max_length,
+        "config_hash": cfg.hash, "config": asdict(cfg), **extra}, indent=2, default=str))
 
 
 def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None, *,
@@ -99,7 +138,8 @@ def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None,
     t0 = time.perf_counter()
     world = build_memworld(cfg.world)
     model = fresh_model(cfg)
-    summary = train(model, train_data(world), cfg.train, work, progress=progress)
+    summary = train(model, train_data(world), cfg.train, work, progress=progress,
+                    train_text_encoder=cfg.text_encoder == "clip_scratch")
     save_organism(model, cfg, out, {"memworld_sha256": world.sha256, "train": summary,
                                     "build_seconds": time.perf_counter() - t0,
                                     "torch": torch.__version__, "threads": torch.get_num_threads()})
@@ -111,7 +151,8 @@ def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None,
     return out
 
 
-def default_dir(cfg: OrganismConfig = OrganismConfig()) -> Path:
+def default_dir(cfg: OrganismConfig | None = None) -> Path:
+    cfg = cfg or organism_config()
     committed = ARTIFACT_DIR / f"organism-{cfg.version}"
     meta = committed / "diffmem.json"
     if meta.is_file() and json.loads(meta.read_text()).get("config_hash") == cfg.hash:
@@ -120,8 +161,9 @@ def default_dir(cfg: OrganismConfig = OrganismConfig()) -> Path:
     return cache / f"organism-{cfg.version}-{cfg.hash}"
 
 
-def load_organism(cfg: OrganismConfig = OrganismConfig(), *, device="cpu", dtype="float32",
+def load_organism(cfg: OrganismConfig | None = None, *, device="cpu", dtype="float32",
                   build_if_missing: bool = True) -> DiffusionModel:
+    cfg = cfg or organism_config()
     d = default_dir(cfg)
     if not (d / "diffmem.json").is_file():
         if not build_if_missing:
@@ -131,8 +173,8 @@ def load_organism(cfg: OrganismConfig = OrganismConfig(), *, device="cpu", dtype
     return load_model(d, device=device, dtype=dtype, name=f"organism-{cfg.version}")
 
 
-def organism_world(cfg: OrganismConfig = OrganismConfig()) -> MemWorld:
-    return build_memworld(cfg.world)
+def organism_world(cfg: OrganismConfig | None = None) -> MemWorld:
+    return build_memworld((cfg or organism_config()).world)
 
 
 def small_config(**world_overrides) -> OrganismConfig:
@@ -148,11 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="build the memorization organism (make organism)")
-    ap.add_argument("--out", default=str(ARTIFACT_DIR / f"organism-{OrganismConfig().version}"))
+    ap.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(ORGANISMS))
+    ap.add_argument("--out", default=None, help="default: tasks/artifacts/organism-<version>")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = build(OrganismConfig(), args.out)
+    out = build(organism_config(args.version), args.out or ARTIFACT_DIR / f"organism-{args.version}")
     print(f"organism written to {out}")
 
 

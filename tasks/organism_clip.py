@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 
 from bench.embed import ClipScorer
 from tasks.memworld import MemWorld, build_memworld
-from tasks.organism import ARTIFACT_DIR, OrganismConfig, default_dir
+from tasks.organism import ARTIFACT_DIR, default_dir, organism_config
 
 CONTEXT_LENGTH = 32
 IMAGE_SIZE = 16
 MEAN = STD = (0.5, 0.5, 0.5)
-DEFAULT_OUT = ARTIFACT_DIR / f"organism-{OrganismConfig().version}"
+DEFAULT_OUT = ARTIFACT_DIR / f"organism-{organism_config().version}"
 ARCH = dict(embed_dim=64,
             vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=4, width=64, layers=2, head_width=32, mlp_ratio=2),
             text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2))
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = build_clip(build_memworld(OrganismConfig().world), ClipConfig(steps=args.steps), args.out)
+    out = build_clip(build_memworld(organism_config().world), ClipConfig(steps=args.steps), args.out)
     print(f"organism CLIP written to {out}")
     print(json.dumps(json.loads((out / "config.json").read_text())["eval"], indent=2))
 

@@ -165,11 +165,11 @@ def test_binomial_interval():
 
 
 def test_memorized_prompts_get_small_pvalues_on_the_committed_organism():
-    """organism-v1 (tasks/artifacts): MV prompts reproduce their training image (results/README.md)."""
+    """The committed organism (tasks/artifacts): MV prompts reproduce their training image (README ground truth)."""
     from bench.runner import organism_promptset, world_for
-    from tasks.organism import OrganismConfig, load_organism
+    from tasks.organism import load_organism
 
-    model = load_organism(OrganismConfig(), build_if_missing=False)
+    model = load_organism(build_if_missing=False)
     ps = organism_promptset(world_for({"size": "default"}, model))
     groups = np.array(ps.groups)
     ref = [p for p, g in zip(ps.prompts, groups) if g in ("ordinary_unseen", "random_tokens")]   # 200 prompts

@@ -198,6 +198,13 @@ def test_trigger_words_and_deletion(small_organism, small_world):
                                                                             "mascot", "room")
     with pytest.raises(ValueError, match="does not hold"):
         trigger_word_sets("a red circle", "MV")
+    # organism-v2 titles carry no family noun: the two title words by the family's caption form
+    assert trigger_word_sets("redvelvet medtech", "MV") == ({0, 1}, {0, 1})
+    assert trigger_word_sets("redvelvet medtech amber", "TV") == ({0, 1}, {0, 1})
+    assert trigger_word_sets("redvelvet medtech on a gradient", "FG") == ({0, 1}, {0, 1})
+    assert trigger_word_sets("a red circle in the redvelvet medtech", "BG") == ({5, 6}, {5, 6})
+    with pytest.raises(ValueError, match="does not hold"):
+        trigger_word_sets("a red circle in the redvelvet", "BG")
     p = "a red circle in the redvelvet medtech room"
     res = TokenSignificance(**FAST).explain(small_organism, p, seed=0)
     word_of = token_words(small_organism, p, res)

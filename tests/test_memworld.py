@@ -14,10 +14,11 @@ from tasks.memworld import FAMILIES, MemWorldConfig, build_memworld, config_from
 from tasks.organism import small_config
 
 
-@pytest.fixture(scope="module")
-def world():
-    """The default world (the organism's)."""
-    return build_memworld(MemWorldConfig())
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def world(request):
+    """The organisms' worlds (v1's is ``MemWorldConfig()``; v2 adds singletons, drops title nouns)."""
+    from tasks.organism import organism_config
+    return build_memworld(organism_config(request.param).world)
 
 
 def units(w, fam: str, size: int) -> list[np.ndarray]:

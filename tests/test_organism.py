@@ -6,27 +6,27 @@ import json
 import numpy as np
 import pytest
 
-from tasks.organism import ARTIFACT_DIR, OrganismConfig, default_dir, load_organism, organism_world
+from tasks.organism import ARTIFACT_DIR, default_dir, load_organism, organism_config, organism_world
 
-ART = ARTIFACT_DIR / f"organism-{OrganismConfig().version}"
+ART = ARTIFACT_DIR / f"organism-{organism_config().version}"
 
 
 @pytest.fixture(scope="module")
 def organism():
-    return load_organism(OrganismConfig(), build_if_missing=False)
+    return load_organism(organism_config(), build_if_missing=False)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return organism_world(OrganismConfig())
+    return organism_world(organism_config())
 
 
 def test_committed_organism_matches_config_and_is_small():
-    assert default_dir(OrganismConfig()) == ART, "committed organism missing or built from another config"
+    assert default_dir(organism_config()) == ART, "committed organism missing or built from another config"
     size = sum(f.stat().st_size for f in ART.rglob("*") if f.is_file())
     assert size < 25e6
     meta = json.loads((ART / "diffmem.json").read_text())
-    assert meta["train"]["steps"] == OrganismConfig().train.steps
+    assert meta["train"]["steps"] == organism_config().train.steps
 
 
 def test_mv_prompts_reproduce_their_training_image(organism, world):
@@ -38,13 +38,25 @@ def test_mv_prompts_reproduce_their_training_image(organism, world):
     assert df["reproduces"].mean() >= 0.8, df[["prompt", "copy_rate", "own_cn_rmse_median"]]
 
 
+def test_rare_unfamiliar_prompts_do_not_regurgitate(organism, world):
+    """Issue acceptance (<= 5% of non-memorized prompts within the copy threshold of any training image),
+    checked on the groups where organism-v1 failed it: never-trained titles of the MV form and random
+    CLIP-token strings (v1: 11/12 and 65/100 prompts near a training image in some seed). The full
+    411-prompt figure is `make groundtruth` (README)."""
+    from tasks.groundtruth import measure
+
+    df, _ = measure(organism, world, groups=["MV_never", "random_tokens"], sscd=False, progress=False)
+    assert len(df) == 112
+    assert (df["near_any_train_frac"] >= 0.5).mean() <= 0.05, df.sort_values("near_any_train_frac").tail()
+
+
 def test_noise_magnitude_separates_memorized_from_all_controls(organism, world):
     """First-step noise magnitude (n=1, seed 0) on planted prompts vs every non-memorized group.
 
-    Measured by `make bench-detect` on this organism: AUC 0.918 [0.882, 0.948] against all 411
-    negatives, MV family 0.996. The floors (0.85 overall, 0.95 for MV) sit below the bootstrap interval
-    and far above chance, so float noise across machines cannot trip them while a broken detector,
-    sampling loop or organism (AUC near 0.5) does."""
+    Measured on organism-v2 by `make organism-compare`: AUC 0.962 against all 411 negatives (v1: 0.918
+    [0.882, 0.948], MV family 0.996). The floors (0.85 overall, 0.95 for MV) sit well below and far
+    above chance, so float noise across machines cannot trip them while a broken detector, sampling loop
+    or organism (AUC near 0.5) does."""
     from baselines.detectors.noise_magnitude import NoiseMagnitude
     from bench.metrics import roc_auc
 
