@@ -56,23 +56,28 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
+def _distinct(captions: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct captions, the empty caption first (row 0), and each pair's row."""
+    uniq = [""] + sorted(set(captions) - {""})
+    pos = {c: i for i, c in enumerate(uniq)}
+    return uniq, torch.tensor([pos[c] for c in captions])
+
+
 def _caption_table(model: DiffusionModel, captions: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen text encoder: encode every distinct caption once; returns (table [U+1, L, D], index [P]).
     Row 0 is the empty caption."""
-    uniq = [""] + sorted(set(captions) - {""})
-    pos = {c: i for i, c in enumerate(uniq)}
+    uniq, index = _distinct(captions)
     with torch.inference_mode():
         table = torch.cat([model.encode(uniq[i:i + chunk]) for i in range(0, len(uniq), chunk)])
-    return table.clone(), torch.tensor([pos[c] for c in captions])
+    return table.clone(), index
 
 
 def _token_table(model: DiffusionModel, captions: list[str]) -> tuple[dict, torch.Tensor]:
     """Text encoder trained jointly: tokenize every distinct caption once; (encodings [U+1, L], index [P])."""
-    uniq = [""] + sorted(set(captions) - {""})
-    pos = {c: i for i, c in enumerate(uniq)}
+    uniq, index = _distinct(captions)
     enc = model.tokenize(uniq)
     keep = ["input_ids"] + (["attention_mask"] if model._uses_attention_mask else [])
-    return {k: enc[k] for k in keep}, torch.tensor([pos[c] for c in captions])
+    return {k: enc[k] for k in keep}, index
 
 
 def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str | Path, *,
