@@ -42,6 +42,10 @@ class OrganismConfig:
     text_encoder: str = "minilm"     # minilm (frozen, pretrained) | clip_scratch (trained jointly)
 
     @property
+    def trains_text_encoder(self) -> bool:
+        return self.text_encoder == "clip_scratch"
+
+    @property
     def hash(self) -> str:
         d = asdict(self)
         # fields added after v1 are left out of the hash at their v1 value, so v1 keeps its committed hash
@@ -114,7 +118,7 @@ def save_organism(model: DiffusionModel, cfg: OrganismConfig, out: Path, extra: 
     model.unet.save_pretrained(out / "unet", safe_serialization=True)
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
-    scratch = cfg.text_encoder == "clip_scratch"
+    scratch = cfg.trains_text_encoder
     if scratch:           # trained weights travel with the folder; the frozen MiniLM stays in its package
         model.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
         model.tokenizer.save_pretrained(out / "tokenizer")
@@ -129,17 +133,18 @@ def save_organism(model: DiffusionModel, cfg: OrganismConfig, out: Path, extra: 
         "config_hash": cfg.hash, "config": asdict(cfg), **extra}, indent=2, default=str))
 
 
-def build(cfg: OrganismConfig = OrganismConfig(), out: str | Path | None = None, *,
+def build(cfg: OrganismConfig | None = None, out: str | Path | None = None, *,
           progress: bool = True, with_clip: bool = True) -> Path:
     """Generate MemWorld, train the organism (resuming an interrupted build), save it, then train its
     CLIP judge (``tasks/organism_clip.py``) into the same folder."""
+    cfg = cfg or organism_config()
     out = Path(out) if out else default_dir(cfg)
     work = out.parent / (out.name + ".work")
     t0 = time.perf_counter()
     world = build_memworld(cfg.world)
     model = fresh_model(cfg)
     summary = train(model, train_data(world), cfg.train, work, progress=progress,
-                    train_text_encoder=cfg.text_encoder == "clip_scratch")
+                    train_text_encoder=cfg.trains_text_encoder)
     save_organism(model, cfg, out, {"memworld_sha256": world.sha256, "train": summary,
                                     "build_seconds": time.perf_counter() - t0,
                                     "torch": torch.__version__, "threads": torch.get_num_threads()})
