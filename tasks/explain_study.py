@@ -18,6 +18,10 @@ TV reported beside them) it explains the prompt and asks two questions.
     exact, not sampled: every pair of tokens is deleted and scored, and the "random other" drop is
     the mean over the pairs disjoint from the top-2 (defined for prompts of >= 4 tokens; shorter
     prompts are counted and left out of that comparison), "random any" the mean over all pairs.
+(c) Diagnostics for (a): the score drop when the rare-word trigger tokens are deleted, and a
+    perturbation "oracle": the pair whose deletion lowers the detector score most. If the oracle's pair
+    is not the trigger either, the detector itself responds more to other tokens than to the planted
+    trigger, and no explainer judged against the detector can put the trigger on top.
 
 Outputs: results/explain_study.csv (per prompt), results/explain_study_tokens.csv (per token),
 results/explain_study.md (summary table), results/plots/explain_study.png.
@@ -125,7 +129,9 @@ def run_study(model: DiffusionModel, world: MemWorld, explainer: TokenSignifican
         row.update({f"phrase_{k}": v for k, v in rank_hits(order, phrase).items()})
         pairs = list(itertools.combinations(range(len(res.tokens)), 2))
         row["prompt_top2_deleted"] = delete_tokens(res, word_of, set(top2))
-        edits.append((len(rows), e.prompt, pairs, [delete_tokens(res, word_of, set(p)) for p in pairs], top2))
+        trig = {i for i in range(len(res.tokens)) if rare[i]}
+        edits.append((len(rows), e.prompt, pairs, [delete_tokens(res, word_of, set(p)) for p in pairs], top2,
+                      trig, delete_tokens(res, word_of, trig)))
         rows.append(row)
         rank = np.empty(len(order), int)
         rank[order] = np.arange(1, len(order) + 1)
@@ -137,13 +143,16 @@ def run_study(model: DiffusionModel, world: MemWorld, explainer: TokenSignifican
 
 
 def _edit_scores(model, detector, rows, edits, *, seed: int) -> None:
-    """Detector score of every prompt and of every 2-token deletion of it (one batched call)."""
-    texts = [t for _, p, _, ed, _ in edits for t in [p, *ed]]
+    """Detector score of every prompt, of every 2-token deletion of it and of the deletion of its rare-word
+    trigger tokens (one batched call). The best-deletion pair is a perturbation "oracle" explainer: the pair
+    the detector itself is most sensitive to, a ceiling for any explainer judged on trigger ranks."""
+    texts = [t for _, p, _, ed, _, _, trig_text in edits for t in [p, *ed, trig_text]]
     uniq = list(dict.fromkeys(texts))
     score = dict(zip(uniq, detector.score(model, uniq, seed=seed).tolist()))
-    for r, p, pairs, ed, top2 in edits:
+    for r, p, pairs, ed, top2, trig, trig_text in edits:
         s0 = score[p]
         drop = {pair: s0 - score[t] for pair, t in zip(pairs, ed)}
+        best = max(drop, key=drop.get)
         other = [d for pair, d in drop.items() if not set(pair) & set(top2)]
         all_d = np.array(list(drop.values()))
         rows[r].update({
@@ -151,6 +160,8 @@ def _edit_scores(model, detector, rows, edits, *, seed: int) -> None:
             "drop_random_other": float(np.mean(other)) if other else np.nan,
             "drop_random_any": float(all_d.mean()), "drop_best_pair": float(all_d.max()),
             "n_other_pairs": len(other),
+            "drop_trigger_deleted": s0 - score[trig_text], "best_pair": " ".join(map(str, best)),
+            "oracle_top2_in_trigger": set(best) <= trig,
             # share of all token pairs whose deletion lowers the score less than the top-2 deletion
             "top2_drop_percentile": float((all_d < drop[top2]).mean() + 0.5 * (all_d == drop[top2]).mean()),
         })
@@ -159,6 +170,9 @@ def _edit_scores(model, detector, rows, edits, *, seed: int) -> None:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     def agg(sub: pd.DataFrame, name: str) -> dict:
         comp = sub[sub["n_other_pairs"] > 0]
+
+        def new_col(c: str) -> float:      # columns added after the first published runs: NaN there ("–")
+            return sub[c].astype(float).mean() if c in sub else np.nan
         return {
             "family": name, "n": len(sub),
             "top2_in_rare": sub["rare_top2_in_trigger"].mean(), "chance_in_rare": sub["rare_chance_top2_in"].mean(),
@@ -173,6 +187,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             "drop_random_other_cmp": comp["drop_random_other"].mean(),
             "share_top2_gt_other": (comp["drop_top2"] > comp["drop_random_other"]).mean(),
             "top2_drop_percentile": sub["top2_drop_percentile"].mean(),
+            "oracle_top2_in_rare": new_col("oracle_top2_in_trigger"),
+            "drop_trigger_deleted": new_col("drop_trigger_deleted"),
         }
     fams = [f for f in STUDY_FAMILIES if f in set(df["family"])]
     out = [agg(df[df["family"] == f], f) for f in fams]
@@ -191,7 +207,8 @@ def markdown(summary: pd.DataFrame, protocol: dict) -> str:
     head = ["family", "n", "top-2 both rare-word tokens (chance)", "≥1 of top-2 rare (chance)",
             "top-2 both phrase tokens (chance)", "NM score", "after deleting top-2", "drop: top-2",
             "prompts ≥ 4 tokens", "drop: top-2 / 2 random other", "top-2 drop > random other",
-            "top-2 drop percentile among all pairs"]
+            "top-2 drop percentile among all pairs", "oracle: best-deletion pair both rare (chance)",
+            "drop: rare-word tokens deleted"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for _, r in summary.iterrows():
         lines.append("| " + " | ".join([
@@ -200,7 +217,8 @@ def markdown(summary: pd.DataFrame, protocol: dict) -> str:
             f"{pct(r['top2_in_phrase'])} ({pct(r['chance_in_phrase'])})", f"{r['score']:.3f}",
             f"{r['score_top2_deleted']:.3f}", f"{r['drop_top2']:.3f}", str(r["n_cmp"]),
             f"{r['drop_top2_cmp']:.3f} / {r['drop_random_other_cmp']:.3f}", pct(r["share_top2_gt_other"]),
-            pct(r["top2_drop_percentile"])]) + " |")
+            pct(r["top2_drop_percentile"]), f"{pct(r['oracle_top2_in_rare'])} ({pct(r['chance_in_rare'])})",
+            "–" if pd.isna(r["drop_trigger_deleted"]) else f"{r['drop_trigger_deleted']:.3f}"]) + " |")
     proto = ", ".join(f"{k}={v}" for k, v in protocol.items())
     return "\n".join(["# Token-significance explainer on the organism (issue 6)", "",
                       f"Protocol: {proto}.", "", *lines, ""])

@@ -216,7 +216,7 @@ def test_trigger_words_and_deletion(small_organism, small_world):
 
 def test_study_edit_scores_are_the_detector_scores(small_organism, small_world):
     from baselines.detectors.noise_magnitude import NoiseMagnitude
-    from tasks.explain_study import run_study, summarize
+    from tasks.explain_study import delete_tokens, run_study, summarize, token_words, trigger_word_sets
 
     det = NoiseMagnitude(n_gen=1, steps=1, total_steps=10)
     df, tok = run_study(small_organism, small_world, TokenSignificance(**FAST), det, families=("MV", "BG"),
@@ -226,6 +226,18 @@ def test_study_edit_scores_are_the_detector_scores(small_organism, small_world):
     np.testing.assert_allclose(det.score(small_organism, [r["prompt"], r["prompt_top2_deleted"]], seed=0),
                                [r["score"], r["score_top2_deleted"]], rtol=1e-5)
     assert ((df["top2_drop_percentile"] >= 0) & (df["top2_drop_percentile"] <= 1)).all()
+    # the rare-word deletion and the best-deletion ("oracle") pair are also the detector's own numbers
+    b = df[df["family"] == "BG"].iloc[0]
+    res = TokenSignificance(**FAST).explain(small_organism, b["prompt"], seed=0)
+    word_of = token_words(small_organism, b["prompt"], res)
+    rare_w, _ = trigger_word_sets(b["prompt"], "BG")
+    trig = {i for i, w in enumerate(word_of) if w in rare_w}
+    best = {int(i) for i in b["best_pair"].split()}
+    s0, s_trig, s_best = det.score(small_organism, [b["prompt"], delete_tokens(res, word_of, trig),
+                                                    delete_tokens(res, word_of, best)], seed=0)
+    np.testing.assert_allclose([s0 - s_trig, s0 - s_best], [b["drop_trigger_deleted"], b["drop_best_pair"]],
+                               rtol=1e-5, atol=1e-6)
+    assert b["oracle_top2_in_trigger"] == (best <= trig)
     s = summarize(df)
     assert list(s["family"]) == ["MV", "BG", "all"]          # no MV+FG+BG row: it would equal "all"
     assert s.loc[2, "n"] == len(df)
