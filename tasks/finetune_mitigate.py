@@ -1,7 +1,7 @@
 """Mitigation benchmark of the training-time mitigators on the fine-tuning protocol (``tasks.finetune_world``).
 
     python -m tasks.finetune_mitigate build      # make finetunes: every fine-tune of the grid, cached
-    python -m tasks.finetune_mitigate calibrate  # tau calibration -> results/finetune_tau_calibration.json
+    python -m tasks.finetune_mitigate calibrate  # tau calibration -> results/finetune_tau_calibration_<model>.json
     python -m tasks.finetune_mitigate run        # run folders of kind mitigate (bench/mitigate_board.py)
 
 Unlike ``bench.mitigate.run_mitigate`` (the world's evaluation prompts on the organism as trained),
@@ -167,7 +167,7 @@ def build_all(cfg: dict, grid: list[str], *, model=None, only: list[float] | Non
 def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | Path | None = None) -> dict:
     """Distribution of Wen's training-time magnitude m for ordinary vs duplicated pairs, on the base
     organism (its own planted MV pairs are the memorized ones) and on the plain fine-tune (the new
-    set); quantiles -> candidate taus. Written to ``out`` (JSON)."""
+    set); quantiles -> candidate taus. Written to ``out`` (JSON; the CLI's default names the base model)."""
     from baselines.mitigators.train_filter import noise_magnitudes
     from baselines.mitigators.train_time import PlainFinetune
     from bench.runner import build_model, world_for
@@ -184,7 +184,8 @@ def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | P
     plain = PlainFinetune(finetune=cfg.get("finetune") or {}, cache_dir=cfg.get("cache_dir", ""))
     plain.fit(model, seed=int(cfg.get("seed", 0)))
     q = (0.5, 0.9, 0.95, 0.99)
-    res = {"protocol": "m = ||eps(x_t, e_p) - eps(x_t, e_empty)||_2 per sample, t ~ U{0..999}, fresh noise, "
+    res = {"model": model.name, "finetune_config": cfg.get("finetune") or {},
+           "protocol": "m = ||eps(x_t, e_p) - eps(x_t, e_empty)||_2 per sample, t ~ U{0..999}, fresh noise, "
                        "pairs drawn by duplication weight, no caption dropout", "n_per_group": n_per_group,
            "quantiles": list(q), "seed": int(cfg.get("seed", 0))}
     for tag, m, w, names in (("base_organism", model, base, ("ordinary", "MV", "RV", "FG", "BG")),
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--conf", default=str(CONF / "finetune.yaml"))
     ap.add_argument("--rerun", action="store_true", help="re-measure finished runs (fine-tunes stay cached)")
-    ap.add_argument("--out", default="results/finetune_tau_calibration.json")
+    ap.add_argument("--out", default="", help="calibrate: output JSON (default "
+                    "results/finetune_tau_calibration_<base model name>.json)")
     ap.add_argument("--strengths", default="", help="comma list: only these strengths of each mitigator (default: all)")
     a = ap.parse_args(argv)
     cfg = load_conf(Path(a.conf))
@@ -219,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.command == "build":
         build_all(cfg, grid, only=only)
     elif a.command == "calibrate":
-        print(json.dumps(calibrate_tau(cfg, out=a.out), indent=2))
+        from bench.runner import build_model
+        model = build_model(cfg["model"])
+        out = a.out or f"results/finetune_tau_calibration_{model.name}.json"
+        print(json.dumps(calibrate_tau(cfg, model=model, out=out), indent=2))
     else:
         from bench.runner import build_model
         model = build_model(cfg["model"])

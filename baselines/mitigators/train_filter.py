@@ -12,7 +12,7 @@ pairs and over duplicated (planted) pairs at random t ~ U{0..999} with fresh noi
 training loop draws them, measured on the base organism (whose own planted pairs are memorized, the
 analogue of the memorized pairs in Wen's LAION data) and on the plain fine-tune. The swept taus sit
 between the upper quantiles of the ordinary distribution and the bulk of the memorized one
-(recorded in ``conf/mitigator/train_filter.yaml`` and ``results/finetune_tau_calibration.json``).
+(recorded in ``conf/mitigator/train_filter.yaml`` and ``results/finetune_tau_calibration_<model>.json``).
 
 Deviation (recorded): the organism's training loop applies 10% caption dropout (Wen's script has
 none); dropped captions are encoded as "" so their m is ~0 and they are always kept.
