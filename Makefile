@@ -80,7 +80,7 @@ organisms: $(STAMP)  ## rebuild both text-encoder variants of the default world 
 organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.organism_compare --threads $(THREADS)
 
-explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study.{csv,md} + plots/explain_study.png
+explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study_<version>.{csv,md} + plots/
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.explain_study --threads $(THREADS)
 
 nemo-study: $(STAMP)  ## NeMo neuron localisation on the organism, own vs random neurons per family -> results/nemo_localisation.{csv,md}

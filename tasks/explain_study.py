@@ -23,8 +23,9 @@ TV reported beside them) it explains the prompt and asks two questions.
     is not the trigger either, the detector itself responds more to other tokens than to the planted
     trigger, and no explainer judged against the detector can put the trigger on top.
 
-Outputs: results/explain_study.csv (per prompt), results/explain_study_tokens.csv (per token),
-results/explain_study.md (summary table), results/plots/explain_study.png.
+Outputs, named by organism version (``<name>`` = ``explain_study_<version>[_<tag>]``):
+results/<name>.csv (per prompt), results/<name>_tokens.csv (per token), results/<name>.md (summary
+table), results/<name>.json (protocol + summary), results/plots/<name>.png.
 """
 from __future__ import annotations
 
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     from tasks.organism import DEFAULT_VERSION, ORGANISMS, load_organism, organism_config
 
     ap = argparse.ArgumentParser(description="token-significance acceptance study on the organism")
-    ap.add_argument("--out", default="results", help="folder for explain_study.* (plot under plots/)")
+    ap.add_argument("--out", default="results", help="folder for explain_study_<version>[_<tag>].* "
+                    "(plot under plots/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(ORGANISMS), help="organism version")
     ap.add_argument("--threads", type=int, default=2)
@@ -269,11 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--swap-guidance-quirk", action="store_true")
     ap.add_argument("--det-n-gen", type=int, default=4, help="noise-magnitude detector generations")
     ap.add_argument("--det-steps", type=int, default=1, help="noise-magnitude detector: first k steps")
-    ap.add_argument("--tag", default="", help="suffix for the output names (variants)")
+    ap.add_argument("--tag", default="", help="suffix for the output names after the version (variants)")
     ap.add_argument("--rebuild", action="store_true",
-                    help="only rebuild the .md/.json/.png from an existing explain_study<tag>.csv")
+                    help="only rebuild the .md/.json/.png from an existing explain_study_<version>[_<tag>].csv")
     a = ap.parse_args(argv)
-    out, tag = Path(a.out), a.tag and f"_{a.tag}"
+    out, tag = Path(a.out), f"_{a.version}" + (a.tag and f"_{a.tag}")
     out.mkdir(parents=True, exist_ok=True)
     if a.rebuild:
         protocol = json.loads((out / f"explain_study{tag}.json").read_text())["protocol"]

@@ -241,3 +241,22 @@ def test_study_edit_scores_are_the_detector_scores(small_organism, small_world):
     s = summarize(df)
     assert list(s["family"]) == ["MV", "BG", "all"]          # no MV+FG+BG row: it would equal "all"
     assert s.loc[2, "n"] == len(df)
+
+
+def test_study_outputs_are_named_by_organism_version(tmp_path):
+    """``--rebuild`` re-derives the summary, table and plot of a committed study from its per-prompt CSV;
+    outputs carry the organism version (and the tag after it), so studies of different organisms never
+    overwrite each other. Columns added after a study was run show as "–", not as a crash."""
+    import shutil
+    from pathlib import Path
+
+    from tasks.explain_study import main
+
+    res = Path(__file__).resolve().parents[1] / "results"
+    for ext in ("csv", "json"):
+        shutil.copy(res / f"explain_study_v1_k1.{ext}", tmp_path / f"explain_study_v1_k1.{ext}")
+    main(["--rebuild", "--version", "v1", "--tag", "k1", "--out", str(tmp_path)])
+    md = (tmp_path / "explain_study_v1_k1.md").read_text()
+    assert (tmp_path / "plots" / "explain_study_v1_k1.png").stat().st_size > 0
+    row = next(line for line in md.splitlines() if line.startswith("| MV+FG+BG |"))
+    assert "| 55% (25%) |" in row and row.endswith("| – (25%) | – |")   # v1 k1: README's 55%; no oracle yet
