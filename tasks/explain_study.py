@@ -21,7 +21,7 @@ TV reported beside them) it explains the prompt and asks two questions.
 (c) Diagnostics for (a): the score drop when the rare-word trigger tokens are deleted, and a
     perturbation "oracle": the pair whose deletion lowers the detector score most. If the oracle's pair
     is not the trigger either, the detector itself responds more to other tokens than to the planted
-    trigger, and no explainer judged against the detector can put the trigger on top.
+    trigger, and an explainer faithful to the detector should not put the trigger on top.
 
 Outputs, named by organism version (``<name>`` = ``explain_study_<version>[_<tag>]``):
 results/<name>.csv (per prompt), results/<name>_tokens.csv (per token), results/<name>.md (summary
@@ -146,7 +146,7 @@ def run_study(model: DiffusionModel, world: MemWorld, explainer: TokenSignifican
 def _edit_scores(model, detector, rows, edits, *, seed: int) -> None:
     """Detector score of every prompt, of every 2-token deletion of it and of the deletion of its rare-word
     trigger tokens (one batched call). The best-deletion pair is a perturbation "oracle" explainer: the pair
-    the detector itself is most sensitive to, a ceiling for any explainer judged on trigger ranks."""
+    the detector itself is most sensitive to."""
     texts = [t for _, p, _, ed, _, _, trig_text in edits for t in [p, *ed, trig_text]]
     uniq = list(dict.fromkeys(texts))
     score = dict(zip(uniq, detector.score(model, uniq, seed=seed).tolist()))

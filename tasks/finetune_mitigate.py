@@ -220,14 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if a.command == "build":
         build_all(cfg, grid, only=only)
-    elif a.command == "calibrate":
-        from bench.runner import build_model
-        model = build_model(cfg["model"])
+        print(f"finetune_mitigate build: {time.perf_counter() - t0:.1f} s wall")
+        return
+    from bench.runner import build_model
+    model = build_model(cfg["model"])
+    if a.command == "calibrate":
         out = a.out or f"results/finetune_tau_calibration_{model.name}.json"
         print(json.dumps(calibrate_tau(cfg, model=model, out=out), indent=2))
     else:
-        from bench.runner import build_model
-        model = build_model(cfg["model"])
         for mid in grid:
             mcfg = mitigator_conf(mid)
             if only is not None:
