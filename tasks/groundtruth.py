@@ -142,6 +142,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def groundtruth_stem(version: str) -> str:
+    """File stem of a version's ground truth under results/ (``<stem>.csv``, ``<stem>_summary.{csv,md}``)."""
+    return f"organism_groundtruth_{version}"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = organism_config(args.version)
-    stem = f"organism_groundtruth_{args.version}"
+    stem = groundtruth_stem(args.version)
     model = load_organism(cfg)
     world = organism_world(cfg)
     t0 = time.perf_counter()

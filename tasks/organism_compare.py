@@ -24,11 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.groundtruth import groundtruth_stem
 from tasks.memworld import FAMILIES
-
-
-def _stem(version: str) -> str:
-    return f"organism_groundtruth_{version}"
 
 
 def compare_row(version: str, results: Path) -> dict:
@@ -37,7 +34,7 @@ def compare_row(version: str, results: Path) -> dict:
     from tasks.organism import default_dir, load_organism, organism_config
 
     cfg = organism_config(version)
-    gt_file = results / f"{_stem(version)}.csv"
+    gt_file = results / f"{groundtruth_stem(version)}.csv"
     if not gt_file.is_file():
         raise FileNotFoundError(f"{gt_file} is missing: run `diffmem groundtruth --version {version}` first")
     gt = pd.read_csv(gt_file)
