@@ -38,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bench.metrics import conformal_pvalues
+from bench.model import weights_sha256  # noqa: F401  (re-exported: calibrations key by it)
 
 SCHEMA_VERSION = 1
 NOT_COMPARED = ("path",)  # fingerprint entries recorded but not compared (see module docstring)
@@ -49,22 +50,6 @@ class CalibrationError(ValueError):
 
 class CalibrationMismatchError(CalibrationError):
     """A calibration belongs to another detector configuration, model or seed."""
-
-
-def weights_sha256(model) -> str:
-    """sha256 over the UNet and text-encoder tensors (names, dtypes, shapes, bytes), in name order."""
-    import torch
-
-    h = hashlib.sha256()
-    for part in ("unet", "text_encoder"):
-        module = getattr(model, part, None)
-        if module is None:
-            continue
-        for name, t in sorted(module.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{part}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def prompts_sha256(prompts: list[str]) -> str:

@@ -48,6 +48,20 @@ def _hydra(config_name: str, fn, argv: list[str]) -> None:
     _main()
 
 
+EXIT_NO_GROUNDTRUTH = 3   # the organism's weights have no measured ground truth (run `make groundtruth`)
+
+
+def _detect(cfg: dict) -> None:
+    from bench.runner import run_detect
+    from tasks.groundtruth import GroundTruthError
+
+    try:
+        run_detect(cfg)
+    except GroundTruthError as e:
+        print(f"diffmem detect: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_NO_GROUNDTRUTH) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -67,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         from bench.detect_fused import main as fused_main
         fused_main(rest)
     elif cmd == "detect":
-        from bench.runner import run_detect
-        _hydra("detect", run_detect, rest)
+        _hydra("detect", _detect, rest)
     elif cmd == "mitigate":
         from bench.mitigate import run_mitigate
         _hydra("mitigate", run_mitigate, rest)

@@ -9,8 +9,9 @@ For every generation of an evaluation prompt (methods.md 3a, 7; DESIGN.md sectio
   nearest target below the family's training-calibrated threshold (whole image for MV/RV/TV, the
   foreground for FG, the background for BG). SSCD's usual 0.5 threshold is NOT used on the organism:
   flat 16-px images score 0.55-0.67 SSCD against each other, so it would call everything a copy.
-- FB-Mem foreground / background similarity and category (``bench.fbmem``), over the top-k SSCD
-  training matches;
+- FB-Mem foreground / background similarity and category (``bench.fbmem``): every image of the
+  planted pool is scored and the top-k by (fg + bg) / 2 kept (the release's exhaustive matching, not
+  the SSCD neighbours), with thresholds calibrated on this world (``bench.fbmem.thresholds_for``);
 - ``clip_score``: CLIPScore (100 * max(cos, 0)) of the image with the ORIGINAL prompt, by the
   organism's own tiny CLIP (open_clip architecture) unless a real CLIP is configured.
 """
@@ -33,6 +34,7 @@ class CopyJudge:
     threads: int = 2
     cache_dir: str = ".cache/diffmem/index"
     segmenter_name: str = "memworld_cnn"    # validated on MemWorld's exact masks (bench/segment.py)
+    fbmem_threshold_dir: str = "results/fbmem_thresholds"   # per-world FB-Mem thresholds, keyed by world sha256
     thresholds: dict = field(init=False)
 
     def __post_init__(self):
@@ -42,9 +44,11 @@ class CopyJudge:
         self.sscd = get_embedder("sscd", resize=self.sscd_resize, threads=self.threads, progress=False)
         self.index = training_index(self.world, self.sscd, cache_dir=self.cache_dir)
         self.train_emb = self.index.index.reconstruct_n(0, self.index.count)   # flat index: the exact vectors
-        from bench.fbmem import ORGANISM_THRESHOLDS, FBMemConfig, memorized_pool
+        from bench.fbmem import FBMemConfig, check_world, memorized_pool, thresholds_for
         from bench.segment import get_segmenter
-        self.fb_cfg, self.fb_thr = FBMemConfig(top_k=self.topk), ORGANISM_THRESHOLDS
+        self.fb_cfg = FBMemConfig(top_k=self.topk)
+        self.fb_thr = thresholds_for(self.world, self.fb_cfg, store_dir=self.fbmem_threshold_dir)
+        check_world(self.fb_thr, self.world)
         self.pool = memorized_pool(self.world)
         self.segmenter = get_segmenter(self.segmenter_name)
 
@@ -53,7 +57,7 @@ class CopyJudge:
                 "copy": "organism ground-truth criterion: region cn-RMSE to nearest target < family threshold "
                         "(tasks.groundtruth.calibrate)", "copy_thresholds": self.thresholds,
                 "nn_index": self.index.describe() if hasattr(self.index, "describe") else str(self.index),
-                "fbmem": {**self.fb_cfg.params(), "thresholds": vars(self.fb_thr), "segmenter": repr(self.segmenter),
+                "fbmem": {**self.fb_cfg.params(), "thresholds": vars(self.fb_thr), "world_sha256": self.world.sha256, "segmenter": repr(self.segmenter),
                           "pool": f"{len(self.pool)} planted training images (bench.fbmem.memorized_pool)",
                           "matches": "every pool image scored, top-k by (fg+bg)/2 (release)"},
                 "clip": "organism tiny CLIP (open_clip arch), CLIPScore = 100*max(cos,0), original prompt"}
@@ -86,10 +90,11 @@ class CopyJudge:
     def fbmem(self, images: np.ndarray) -> dict:
         """FB-Mem per generation against the planted pool: category of the best match, its fg / bg
         similarity, the training image it is, and how many of the top-k matches are not NM."""
-        from bench.fbmem import classify_generations, fbmem_scores
+        from bench.fbmem import check_world, classify_generations, fbmem_scores
 
         masks = self.segmenter.masks(images)
         sc = fbmem_scores(images, masks, self.world.images[self.pool], self.world.masks[self.pool], None, self.fb_cfg)
+        check_world(self.fb_thr, self.world)
         cl = classify_generations(sc, self.fb_thr).sort_values("gen")
         return {"category": cl["category"].to_numpy(), "fg_sim": cl["fg_sim"].to_numpy(),
                 "bg_sim": cl["bg_sim"].to_numpy(), "match": self.pool[cl["train_idx"].to_numpy()],

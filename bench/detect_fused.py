@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from baselines.detectors.generation_density import GenerationDensity
 from baselines.detectors.noise_magnitude import NoiseMagnitude
 from bench.io import RunFolder, rebuild_leaderboard
-from bench.runner import build_model, build_task, detect_result, detect_row, detect_run_config, instantiate
+from bench.runner import (build_model, build_task, detect_result, detect_row, detect_run_config, instantiate,
+                          labels_protocol)
 from bench.sampling import StepInfo, sample
 
 TIMING = ("apportioned from a fused pass: pass sampling seconds x (this configuration's UNet rows / the pass's "
@@ -132,7 +133,8 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
             run.reset()
         result_fields = {"kind": "detect", "task": c["task"]["name"], "model": model.name, "detector": det_id,
                          "params": json.dumps(d.params(), sort_keys=True, default=str),
-                         "n_gen": d.n_gen, "steps": d.steps, "timing": "apportioned (fused pass)"}
+                         "n_gen": d.n_gen, "steps": d.steps, "timing": "apportioned (fused pass)",
+                         **labels_protocol(ps)}
         run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps.name, "sha256": ps.sha256, "n": len(ps),
                            "sources": list(ps.sources)}, model=model.fingerprint(), params=d.params(),
                            model_load_seconds=load_seconds, result_fields=result_fields, base_run=run.base_name,

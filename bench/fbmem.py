@@ -37,16 +37,20 @@ Comparing with the ordinary images too would call many ordinary generations copi
 many near-identical "a red circle" training images.
 
 Thresholds: the release uses tau = 0.8 for both (torchmetrics MS-SSIM on 512 px images). The
-organism's 16 px images and the small window give other similarity levels, so ``ORGANISM_THRESHOLDS``
-are calibrated on MemWorld's training images (``calibrate_thresholds``; ``python -m bench.fbmem``
-reproduces them): tau_fg is the 99th percentile, over the training images outside the pool
-(ordinary pairs, trained-once controls), of their highest foreground similarity to a pool image;
-tau_bg likewise for backgrounds. An image that copies nothing from the pool thus crosses each
-threshold at most 1% of the time.
+organism's 16 px images and the small window give other similarity levels, so thresholds are
+calibrated per world on its training images (``calibrate_thresholds``): tau_fg is the 99th
+percentile, over the training images outside the pool (ordinary pairs, trained-once controls), of
+their highest foreground similarity to a pool image; tau_bg likewise for backgrounds. An image that
+copies nothing from the pool thus crosses each threshold at most 1% of the time. ``thresholds_for``
+stores them with the world's sha256 (``results/fbmem_thresholds/``, computed once per world and
+configuration, a few minutes on 2 cores) and ``check_world`` refuses thresholds made for another world.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,17 +74,27 @@ class FBThresholds:
     fg: float
     bg: float
     source: str = ""
+    world_sha256: str = ""       # the world they were calibrated on ("" = not world-bound, e.g. the release's)
+
+
+class FBMemThresholdError(ValueError):
+    """FB-Mem thresholds used on a world (or configuration) they were not calibrated for."""
 
 
 RELEASE_THRESHOLDS = FBThresholds(0.8, 0.8, "FB-Mem release tau = 0.8 (torchmetrics MS-SSIM defaults, 512 px)")
-# Measured with `python -m bench.fbmem` (FBMemConfig() defaults: region "masked", MSSSIMConfig(); MemWorld
-# seed 0, exact masks; 860 non-pool queries x 298 pool images; 99% quantile). Same run: 99.9% of same-background
-# BG-family pairs reach bg >= tau_bg (none reach tau_fg); 1.1% of same-sprite FG-family pairs reach fg >= tau_fg
-# (their sprite sits elsewhere: pixel-aligned similarity does not follow a moved foreground).
-ORGANISM_THRESHOLDS = FBThresholds(
-    0.8245, 0.7780, "calibrate_thresholds: 99% quantile of the max similarity of non-pool training images to the "
-    "planted pool, MemWorld seed 0, 860 queries x 298 pool images, region='masked', MSSSIMConfig() "
-    "(`python -m bench.fbmem`)")
+THRESHOLD_DIR = Path("results/fbmem_thresholds")
+THRESHOLD_QUANTILE = 0.99
+
+
+def check_world(thr: FBThresholds, world) -> None:
+    """Refuse thresholds calibrated on another world (the release's world-free ones pass)."""
+    if thr is RELEASE_THRESHOLDS:
+        return
+    if thr.world_sha256 != world.sha256:
+        raise FBMemThresholdError(
+            f"FB-Mem thresholds calibrated on world {thr.world_sha256[:12] or '<none recorded>'} used on world "
+            f"{world.sha256[:12]}; calibrate them for this world with bench.fbmem.thresholds_for(world) "
+            "(`python -m bench.fbmem --model <organism folder>`)")
 
 
 @dataclass(frozen=True)
@@ -326,7 +340,7 @@ def calibrate_thresholds(world, cfg: FBMemConfig = FBMemConfig(), quantile: floa
     thr = FBThresholds(float(np.quantile(fg, quantile)), float(np.quantile(bg, quantile)),
                        f"calibrate_thresholds: {quantile:.0%} quantile of the max similarity of non-pool training "
                        f"images to the planted pool, MemWorld seed {world.config.seed}, {len(query)} queries x "
-                       f"{len(pool)} pool images, region={cfg.region!r}, {cfg.msssim}")
+                       f"{len(pool)} pool images, region={cfg.region!r}, {cfg.msssim}", world.sha256)
     diag: dict = {"n_query": int(len(query)), "n_pool": int(len(pool)), "quantile": quantile,
                   "null_fg_max_median": float(np.median(fg)), "null_bg_max_median": float(np.median(bg))}
     for kind, name in (("BG", "same_background"), ("FG", "same_foreground")):
@@ -338,23 +352,59 @@ def calibrate_thresholds(world, cfg: FBMemConfig = FBMemConfig(), quantile: floa
     return thr, diag
 
 
+def _calibration_key(cfg: FBMemConfig, quantile: float) -> dict:
+    """What a stored calibration depends on besides the world (top_k and chunking do not matter)."""
+    p = cfg.params()
+    return {"msssim": p["msssim"], "similarity": p["similarity"], "region": p["region"], "beta": p["beta"],
+            "degenerate_rule": p["degenerate_rule"], "quantile": quantile}
+
+
+def thresholds_for(world, cfg: FBMemConfig = FBMemConfig(), *, store_dir: str | Path = THRESHOLD_DIR,
+                   quantile: float = THRESHOLD_QUANTILE, progress: bool = True) -> FBThresholds:
+    """The world's FB-Mem thresholds: read from ``store_dir/fbmem_thresholds_<world sha256[:16]>.json``,
+    or calibrated on all of the world's non-pool training images and written there (atomically).
+
+    A stored file is used only when its world sha256 and calibration settings match; one that does not
+    match is refused (``FBMemThresholdError``), never silently replaced."""
+    key = _calibration_key(cfg, quantile)
+    f = Path(store_dir) / f"fbmem_thresholds_{world.sha256[:16]}.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        if d.get("world_sha256") != world.sha256 or d.get("calibration") != key:
+            raise FBMemThresholdError(f"{f} holds FB-Mem thresholds for another world or configuration "
+                                      f"(world {str(d.get('world_sha256'))[:12]}, {d.get('calibration')}); "
+                                      f"move it away to recalibrate for world {world.sha256[:12]} with {key}")
+        t = d["thresholds"]
+        return FBThresholds(float(t["fg"]), float(t["bg"]), t["source"], d["world_sha256"])
+    if progress:
+        print(f"[diffmem] FB-Mem thresholds for world {world.sha256[:12]}: calibrating on its training images "
+              f"(once per world; written to {f})", flush=True)
+    thr, diag = calibrate_thresholds(world, cfg, quantile)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"world_sha256": world.sha256, "calibration": key, "thresholds": asdict(thr),
+                               "diagnostics": diag}, indent=2))
+    tmp.replace(f)
+    return thr
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Calibrate ORGANISM_THRESHOLDS on the organism's MemWorld and print them with diagnostics."""
+    """Calibrate (or show the stored) FB-Mem thresholds of an organism's world, with diagnostics."""
     import argparse
-    import json
 
     import torch
 
-    from tasks.memworld import MemWorldConfig, build_memworld
-
-    ap = argparse.ArgumentParser(description="calibrate FB-Mem thresholds on MemWorld (exact masks)")
+    ap = argparse.ArgumentParser(description="FB-Mem thresholds of a world (exact masks), stored by its sha256")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--n-query", type=int, default=None, help="null queries (default: all non-pool images)")
+    ap.add_argument("--version", default=None, help="organism version (default: the committed default)")
+    ap.add_argument("--store-dir", default=str(THRESHOLD_DIR))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    thr, diag = calibrate_thresholds(build_memworld(MemWorldConfig(seed=args.world_seed)), n_query=args.n_query)
-    print(json.dumps({"thresholds": asdict(thr), "diagnostics": diag}, indent=2))
+    from tasks.organism import DEFAULT_VERSION, organism_config, organism_world
+
+    world = organism_world(organism_config(args.version or DEFAULT_VERSION))
+    thr = thresholds_for(world, store_dir=args.store_dir)
+    print(json.dumps(asdict(thr), indent=2))
 
 
 if __name__ == "__main__":

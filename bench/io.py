@@ -192,7 +192,8 @@ class RunFolder:
 
 DETECT_COLUMNS = ["task", "model", "detector", "params", "n_gen", "steps", "auc", "auc_ci_low",
                   "auc_ci_high", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_closest",
-                  "tpr_convention", "n_pos", "n_neg", "seconds_per_prompt", "unet_evals_per_prompt",
+                  "tpr_convention", "label_source", "n_pos", "n_neg", "planted_auc", "planted_tpr_at_1pct_fpr",
+                  "auc_planted_not_learned", "n_planted_not_learned", "seconds_per_prompt", "unet_evals_per_prompt",
                   "timing", "git_sha", "run"]
 
 
@@ -214,6 +215,8 @@ def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "
             row[f"auc_vs_{g}"] = v
         for g, v in (d.get("per_family_auc") or {}).items():
             row[f"auc_{g}"] = v
+        for g, v in (d.get("planted_per_family_auc") or {}).items():
+            row[f"planted_auc_{g}"] = v
         rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):

@@ -4,8 +4,11 @@ For each strength: generate images for the memorized evaluation prompts (``memor
 per planted family, ``n_seeds`` seeds each) and for non-memorized prompts (``utility_prompts``,
 utility: does the method keep prompt alignment where there is nothing to remove), then record per
 image the measures of ``bench.copyscore.CopyJudge``. Rows are appended prompt batch by prompt batch,
-so an interrupted run resumes. Cost is measured here: wall seconds and UNet rows of ``generate``
-per image (``fit`` is timed separately, once), never reported by methods. Each strength is its own
+so an interrupted run resumes: it writes exactly the missing (prompt, seed) rows (a kill mid-batch can
+leave a prompt with only some of its seeds), generated in their batch of an uninterrupted run
+(``resume_batches``), and metrics are computed only from rows holding every (prompt, seed) exactly
+once (``check_rows``). Cost is measured here: wall seconds and UNet rows of
+``generate`` per image (``fit`` is timed separately, once), never reported by methods. Each strength is its own
 run folder ``<task>__<model>__<mitigator>@<strength>__<hash>``; ``protocol_hash`` (config without the
 mitigator) ties rows that may be compared, and the leaderboard derives clip_delta and the FB-Mem
 mitigation score against the ``none`` run of the same protocol.
@@ -105,23 +108,50 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
                        result_fields=result_fields, base_run=run.base_name,
                        fit={"seconds": fit_seconds, "unet_evals": fit_rows},   # measured per process (shard)
                        shard=shard_entry(shard, prompt_ids), finished=None)
-    done = {str(x).rsplit(":", 1)[0] for x in run.done_ids()}
-    todo = [e for e in mine if e.id not in done]
-    bs = int(cfg.get("batch_prompts", 16))
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"mitigate {method}", disable=not progress)
-    for b0 in range(0, len(todo), bs):
-        batch = todo[b0:b0 + bs]
-        run.append_rows(generate_and_measure(mit, model, judge, batch, seeds, spec, seed=seed, what=method))
+    done = run.done_ids()
+    todo = resume_batches(mine, seeds, done, int(cfg.get("batch_prompts", 16)))
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=f"mitigate {method}",
+               disable=not progress)
+    for batch in todo:
+        rows = generate_and_measure(mit, model, judge, batch, seeds, spec, seed=seed, what=method)
+        run.append_rows([r for r in rows if r["id"] not in done])
         bar.update(len(batch))
     bar.close()
     if not shard.whole:
+        check_rows(run.read_rows(), [e.id for e in mine], seeds, where=str(run.path))
         run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         merge_runs_dir(run.path.parent, kind="mitigate", strict=False)
         return {"kind": "mitigate_shard", "run": run.name, "base_run": run.base_name, "shard": str(shard)}
-    metrics = mitigate_result(run.read_rows(), prompt_ids, run_cfg, run.manifest())
+    metrics = mitigate_result(run.read_rows(), prompt_ids, run_cfg, run.manifest(), where=str(run.path))
     run.write_metrics(metrics)
     run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return metrics
+
+
+def row_id(prompt_id, seed) -> str:
+    """The ``id`` of a per-image row: ``<prompt_id>:<seed>``."""
+    return f"{prompt_id}:{int(seed)}"
+
+
+def missing_seeds(prompt_id: str, seeds: list[int], done: set[str]) -> list[int]:
+    """The seeds of ``prompt_id`` that have no row among the ``done`` row ids (``RunFolder.done_ids``)."""
+    return [s for s in seeds if row_id(prompt_id, s) not in done]
+
+
+def resume_batches(prompts: list, seeds: list[int], done: set[str], batch_prompts: int) -> list[list]:
+    """The prompt batches left to generate: each batch ``prompts[b0:b0 + batch_prompts]`` of an
+    uninterrupted run that misses any (prompt, seed) row. The runner generates such a batch whole,
+    every prompt with every seed, and appends only its rows missing from ``done``.
+
+    Whole batches, not just the missing pairs, because an image is not a function of its (prompt,
+    seed) alone: embed_opt optimises one embedding per prompt over the joint norm of all its seeds'
+    x_T (its cost is shared by them too), and the sampling loop is batch-invariant only up to float
+    rounding (about 5e-6 in pixels on the test organism), which the int8 SSCD amplifies to about 1e-3
+    in cosine. The same batches as an uninterrupted run give the same rows. A kill leaves at most one
+    batch partly written, so this regenerates at most that batch's rows already on disk."""
+    bs = max(1, int(batch_prompts))
+    grid = [prompts[b0:b0 + bs] for b0 in range(0, len(prompts), bs)]
+    return [b for b in grid if any(missing_seeds(e.id, seeds, done) for e in b)]
 
 
 def generate_and_measure(mit, model, judge, batch: list, seeds: list[int], spec: GenSpec, *, seed: int,
@@ -137,19 +167,58 @@ def generate_and_measure(mit, model, judge, batch: list, seeds: list[int], spec:
                                  "nothing of this batch was written")
     measures = judge.measure(images, batch, seeds)
     n_img = len(batch) * len(seeds)
-    out = [{"id": f"{e.id}:{s}", "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
+    out = [{"id": row_id(e.id, s), "prompt_id": e.id, "prompt": e.prompt, "seed": s, "label": e.label,
             "group": e.group, "family": e.family, **measures[k * len(seeds) + j],
             "seconds": gen_s / n_img, "unet_evals": rows / n_img}
            for k, e in enumerate(batch) for j, s in enumerate(seeds)]
     return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()} for r in out]
 
 
-def mitigate_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: dict) -> dict:
-    """metrics.json of a mitigate run from its per-image rows (plain runs and shard merges alike)."""
-    got = set(rows["prompt_id"].astype(str))
-    if got != set(ids) or rows["id"].duplicated().any():
-        raise RuntimeError(f"per-image rows do not match the prompt selection ({len(got)} of {len(ids)} prompts, "
-                           f"{int(rows['id'].duplicated().sum())} duplicates); remove the run folder and rerun")
+def run_seeds(run_cfg: dict, manifest: dict | None = None) -> list[int]:
+    """The generation seeds of a mitigate run: ``seed + j`` for ``j < n_seeds`` (as ``run_mitigate``)."""
+    if "n_seeds" in run_cfg:
+        return [int(run_cfg.get("seed", 0)) + j for j in range(int(run_cfg["n_seeds"]))]
+    return [int(s) for s in (manifest or {})["seeds"]["generation_seeds"]]
+
+
+def check_rows(rows: pd.DataFrame, ids: list[str], seeds: list[int], *, where: str) -> None:
+    """Refuse per-image rows that do not hold every (prompt, seed) of ``ids`` x ``seeds`` exactly once
+    (RuntimeError naming ``where``, the counts, a few examples and the fix); a stranger is a row of
+    another prompt or seed, or whose ``id`` is not ``<prompt_id>:<seed>``."""
+    want = {row_id(p, s) for p in ids for s in seeds}
+    if len(rows):
+        seed_col = pd.to_numeric(rows["seed"], errors="coerce")
+        own = [f"{p}:{int(s)}" if s == s and float(s).is_integer() else f"{p}:{s}"
+               for p, s in zip(rows["prompt_id"].astype(str), seed_col)]
+        got = [str(i) if i == o else f"{i} (prompt_id:seed {o})" for i, o in zip(rows["id"].astype(str), own)]
+    else:
+        got = []
+    counts = pd.Series(got, dtype=object).value_counts(sort=False)
+    missing = [i for p in ids for s in seeds if (i := row_id(p, s)) not in counts.index]
+    dup = [i for i, n in counts.items() if n > 1 and i in want]
+    stranger = [i for i in counts.index if i not in want]
+    if not (missing or dup or stranger):
+        return
+
+    def ex(xs: list[str]) -> str:
+        return f" (e.g. {', '.join(xs[:3])}{', ...' if len(xs) > 3 else ''})" if xs else ""
+
+    fix = ("run the same configuration again without rerun=true (for a sharded run: each shard, with its "
+           f"shard=i/n): it resumes and writes only the missing rows; or delete {where} and run again"
+           if not (dup or stranger) else
+           f"resume cannot repair duplicated or stranger rows: delete {where} (and its shard folders, if it was "
+           "merged from shards) and run again (rerun=true only resets a run that has finished)")
+    raise RuntimeError(f"{where}: per_prompt.csv must hold every (prompt, seed) of the run exactly once "
+                       f"({len(ids)} prompts x {len(seeds)} seeds = {len(want)} images, {len(got)} rows): "
+                       f"{len(missing)} missing{ex(missing)}, {len(dup)} duplicated{ex(dup)}, "
+                       f"{len(stranger)} stranger{ex(stranger)}; {fix}")
+
+
+def mitigate_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: dict, *,
+                    where: str | None = None) -> dict:
+    """metrics.json of a mitigate run from its per-image rows (plain runs and shard merges alike),
+    after ``check_rows``; ``where`` names the run folder in its error (default: the manifest's run)."""
+    check_rows(rows, ids, run_seeds(run_cfg, manifest), where=where or f"run folder {manifest.get('run')}")
     m = aggregate(rows)
     m.update(manifest["result_fields"])
     m.update(git_sha=manifest["git_sha"], run=manifest["run"], fit_seconds=manifest.get("fit", {}).get("seconds"),

@@ -88,7 +88,14 @@ class DiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def make_scheduler(self) -> DDIMScheduler:
-        return DDIMScheduler.from_config(self.scheduler_config)
+        """The DDIM scheduler for the noise prediction that :meth:`eps` returns.
+
+        ``eps`` converts a v-prediction UNet's output to eps, so the scheduler that steps it must read
+        its input as eps: ``prediction_type`` is forced to ``"epsilon"`` here (the folder's own value
+        stays in ``prediction_type`` and the fingerprint). Handing converted eps to a v-prediction
+        scheduler gave wrong SD 2.x trajectories after the first step.
+        """
+        return DDIMScheduler.from_config({**self.scheduler_config, "prediction_type": "epsilon"})
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -168,6 +175,24 @@ class DiffusionModel:
                 "unet_params": sum(p.numel() for p in self.unet.parameters()),
                 "text_encoder": type(self.text_encoder).__name__, "vae": self.vae is not None,
                 "prediction_type": self.prediction_type, "max_length": self.max_length}
+
+
+def weights_sha256(model: DiffusionModel) -> str:
+    """sha256 over the UNet and text-encoder tensors (names, dtypes, shapes, bytes), in name order.
+
+    What ground truth, calibrations and thresholds are keyed by: they belong to these weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder"):
+        module = getattr(model, part, None)
+        if module is None:
+            continue
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{part}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- loading

@@ -24,7 +24,7 @@ from bench.io import DETECT_COLUMNS, rebuild_leaderboard
 from bench.metrics import roc_curve
 
 FAMILIES = ("MV", "RV", "TV", "FG", "BG")
-NOT_FAMILY = ("ci_", "vs_")  # auc_ci_low/high and auc_vs_<group> are not family columns
+NOT_FAMILY = ("ci_", "vs_", "planted_not_learned")  # auc_ci_low/high, auc_vs_<group>, auc_planted_not_learned
 
 
 # ---------------------------------------------------------------------- helpers
@@ -101,6 +101,8 @@ def roc_plot(runs: list[Path], out_png: str | Path, title: str = "", log: bool =
     labels = _labels(dets, [str(m["run"]) for m, _ in loaded])
     colors = _colors(dets)
     fig, axes = _figure(12 if log else 6.5, 5.2, 2 if log else 1)
+    # the headline classes: planted_not_learned prompts are in neither (bench.runner.detect_metrics)
+    loaded = [(m, df[df["group"] != "planted_not_learned"]) for m, df in loaded]
     n_neg = max([int((df["label"] == 0).sum()) for _, df in loaded] or [100])
     lo = min(1e-3, 0.5 / max(n_neg, 1))
     for (m, df), lab, det in zip(loaded, labels, dets):
@@ -250,7 +252,11 @@ def markdown_table(df: pd.DataFrame) -> str:
     out = []
     for (task, model), sub in df.groupby(["task", "model"], sort=True):
         gcols = [c for c in group_columns(sub) if sub[c].notna().any()]
-        head = ["detector", "n_gen", "steps", "AUC [95% CI]", "TPR@1%FPR", "TPR@3%FPR",
+        planted = "planted_auc" in sub and sub["planted_auc"].notna().any()
+        pnl = "auc_planted_not_learned" in sub and sub["auc_planted_not_learned"].notna().any()
+        extra = (["labels", "pos / neg"] + (["planted: AUC", "planted: TPR@1%FPR"] if planted else [])
+                 + (["AUC planted_not_learned vs neg"] if pnl else []))
+        head = ["detector", "n_gen", "steps", "AUC [95% CI]", "TPR@1%FPR", "TPR@3%FPR", *extra,
                 *[f"AUC vs {c[7:]}" for c in gcols], "s/prompt", "UNet evals/prompt"]
         out += [f"### {task} / {model}", "", "| " + " | ".join(head) + " |",
                 "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -258,10 +264,21 @@ def markdown_table(df: pd.DataFrame) -> str:
             cells = [_fmt(r["detector"]), _fmt(r.get("n_gen"), 0), _fmt(r.get("steps"), 0),
                      f"{_fmt(r['auc'])} [{_fmt(r.get('auc_ci_low'))}, {_fmt(r.get('auc_ci_high'))}]",
                      _fmt(r.get("tpr_at_1pct_fpr")), _fmt(r.get("tpr_at_3pct_fpr")),
+                     _fmt(r.get("label_source") if isinstance(r.get("label_source"), str)
+                          else ("planted" if str(task).startswith("organism") else "published")),
+                     f"{_fmt(r.get('n_pos'), 0)} / {_fmt(r.get('n_neg'), 0)}",
+                     *([_fmt(r.get("planted_auc")), _fmt(r.get("planted_tpr_at_1pct_fpr"))] if planted else []),
+                     *([_fmt(r.get("auc_planted_not_learned"))] if pnl else []),
                      *[_fmt(r[c]) for c in gcols],
                      _fmt(r.get("seconds_per_prompt")) + (" †" if _fused(r) else ""),
                      _fmt(r.get("unet_evals_per_prompt"))]
             out.append("| " + " | ".join(cells) + " |")
+        if planted or pnl:
+            out += ["", "labels = measured: a prompt is memorized when its generations reproduce its training image "
+                        "(ground truth of these weights); planted prompts that do not reproduce "
+                        "(planted_not_learned) are in neither class and scored against the negatives in their own "
+                        "column (0.5 = scored like non-memorized prompts). planted: = every planted-family prompt "
+                        "positive (the convention before measured labels)."]
         if any(_fused(r) for _, r in sub.iterrows()):
             out += ["", "† seconds apportioned from one fused sampling pass by UNet rows "
                         "(`diffmem detect-fused`, bench/detect_fused.py), not measured per configuration."]

@@ -77,19 +77,64 @@ def _organism_cfg(mcfg: dict):
     return organism_config(str(mcfg.get("version", DEFAULT_VERSION)))
 
 
-def organism_promptset(world) -> PromptSet:
+PLANTED_NOT_LEARNED = "planted_not_learned"   # planted family, but its generations do not reproduce
+LABEL_SOURCES = ("measured", "planted")
+
+
+def organism_promptset(world, measured: dict[str, bool] | None = None) -> PromptSet:
+    """The organism's evaluation prompts. ``measured`` (id -> reproduces, tasks/groundtruth.py) makes
+    the label the measured one: 1 when the prompt's generations reproduce its training image; a planted
+    prompt that does not reproduce gets label 0 *and* the group ``planted_not_learned``, which the
+    headline metrics leave out of both classes. ``extra['label_planted']`` always keeps the planted
+    label. Without ``measured`` the labels are the planted ones (``label_source`` says which)."""
     ev = world.eval_prompts
+    planted = [int(e.label) for e in ev]
+    if measured is None:
+        labels, groups, source = planted, [e.group for e in ev], "planted"
+    else:
+        missing = [e.id for e in ev if e.id not in measured]
+        if missing:
+            raise ValueError(f"the ground truth has no label for {len(missing)} evaluation prompts "
+                             f"(e.g. {missing[:3]}); rerun `make groundtruth`")
+        labels = [int(measured[e.id]) for e in ev]
+        groups = [PLANTED_NOT_LEARNED if p and not y else e.group for e, p, y in zip(ev, planted, labels)]
+        source = "measured"
     return PromptSet(
-        name=f"organism_s{world.config.seed}", prompts=[e.prompt for e in ev],
-        labels=np.array([e.label for e in ev], np.int8), groups=[e.group for e in ev],
+        name=f"organism_s{world.config.seed}" + ("" if source == "planted" else "_measured"),
+        prompts=[e.prompt for e in ev], labels=np.array(labels, np.int8), groups=groups,
         types=[e.family for e in ev], ids=[e.id for e in ev],
         extra={"family": [e.family for e in ev], "region": [e.region for e in ev],
-               "targets": [" ".join(map(str, e.targets)) for e in ev]})
+               "targets": [" ".join(map(str, e.targets)) for e in ev], "label_planted": planted,
+               "label_source": [source] * len(ev)})
+
+
+def labels_protocol(ps: PromptSet) -> dict:
+    """How a prompt set's labels were made (recorded in every detect run's result fields)."""
+    src = (ps.extra.get("label_source") or ["published"])[0]
+    rule = {"measured": "1 = generations reproduce the training image in >= half of the ground-truth seeds "
+                        "(groundtruth.json of these weights); planted_not_learned left out of both classes",
+            "planted": "1 = planted family (not measured)",
+            "published": "the prompt set's published labels"}[src]
+    return {"label_source": src, "label_rule": rule}
+
+
+def label_source(tcfg: dict) -> str:
+    src = str(tcfg.get("labels", "measured"))
+    if src not in LABEL_SOURCES:
+        raise ValueError(f"task.labels={src!r} is not a label source; use one of {list(LABEL_SOURCES)}")
+    return src
 
 
 def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSet:
     if tcfg["source"] == "organism":
-        ps = organism_promptset(world_for(mcfg, model))
+        world = world_for(mcfg, model)
+        measured = None
+        if label_source(tcfg) == "measured":
+            from tasks.groundtruth import measured_labels
+            if model is None:
+                raise ValueError("measured labels need the loaded model (its ground truth is keyed by its weights)")
+            measured = measured_labels(model, world)
+        ps = organism_promptset(world, measured)
     else:
         from tasks.promptsets import load_task
         ps = load_task(tcfg["name"], seed=int(tcfg.get("seed", 0)))
@@ -125,9 +170,11 @@ def detect_run_config(cfg: dict, ps_sha256: str, model: DiffusionModel) -> dict:
 
 def detect_row(ps: PromptSet, i: int, score: float, seconds: float, unet_evals: float) -> dict:
     """One per_prompt.csv row of a detect run."""
+    planted = ps.extra.get("label_planted")
     return {"id": ps.ids[i], "prompt": ps.prompts[i], "label": int(ps.labels[i]), "group": ps.groups[i],
             "family": ps.extra.get("family", ps.types)[i] or "", "type": ps.types[i], "score": repr(float(score)),
-            "seconds": seconds, "unet_evals": unet_evals}
+            "seconds": seconds, "unet_evals": unet_evals,
+            "label_planted": int(planted[i]) if planted is not None else int(ps.labels[i])}
 
 
 def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool = True) -> dict:
@@ -157,7 +204,8 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
         run.reset()
     result_fields = {"kind": "detect", "task": cfg["task"]["name"], "model": model.name, "detector": det_id,
                      "params": json.dumps(det.params(), sort_keys=True, default=str),
-                     "n_gen": getattr(det, "n_gen", None), "steps": getattr(det, "steps", None)}
+                     "n_gen": getattr(det, "n_gen", None), "steps": getattr(det, "steps", None),
+                     **labels_protocol(ps_all)}
     run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps_all.name, "sha256": ps_all.sha256,
                        "n": len(ps_all), "sources": list(ps_all.sources)}, model=model.fingerprint(),
                        params=det.params(), model_load_seconds=load_seconds, result_fields=result_fields,
@@ -205,17 +253,41 @@ def detect_result(rows: pd.DataFrame, ids: list[str], run_cfg: dict, manifest: d
 
 def detect_metrics(df: pd.DataFrame, ps: PromptSet | list[str], *, seed: int = 0) -> dict:
     """Headline metrics against all negatives, plus AUC against each negative group and per family.
-    ``ps``: the prompt set, or its ids in order."""
+    ``ps``: the prompt set, or its ids in order.
+
+    Headline classes: ``label`` (measured on the organism), leaving out the ``planted_not_learned``
+    group; those prompts are scored beside it (``auc_planted_not_learned``: them against the
+    negatives, 0.5 = scored like non-memorized prompts). ``planted_*`` keys: the planted convention
+    (every planted-family prompt positive), from ``label_planted``."""
     ids = list(ps.ids if isinstance(ps, PromptSet) else ps)
     order = {pid: i for i, pid in enumerate(ids)}
     df = df.assign(_o=df["id"].map(order)).sort_values("_o")
     if df["id"].duplicated().any() or len(df) != len(ids) or df["_o"].isna().any():
         raise RuntimeError(f"per-prompt rows do not match the prompt set: {len(df)} rows for {len(ids)} "
                            "prompts (duplicates or strangers); remove the run folder and rerun")
-    s, y = df["score"].to_numpy(float), df["label"].to_numpy(int)
-    m = detection_metrics(s, y, seed=seed)
+    pnl = (df["group"] == PLANTED_NOT_LEARNED).to_numpy()
+    head = df[~pnl]
+    m = _class_metrics(head, head["label"].to_numpy(int), seed)
     m["seconds_per_prompt"] = float(df["seconds"].mean())
     m["unet_evals_per_prompt"] = float(df["unet_evals"].mean())
+    m["n_planted_not_learned"] = int(pnl.sum())
+    if pnl.any():
+        s_all, y_all = df["score"].to_numpy(float), df["label"].to_numpy(int)
+        neg = (~pnl) & (y_all == 0)
+        m["auc_planted_not_learned"] = roc_auc(np.r_[s_all[pnl], s_all[neg]], np.r_[np.ones(pnl.sum()), np.zeros(neg.sum())])
+    if "label_planted" in df and not df["label_planted"].isna().any():
+        yp = df["label_planted"].to_numpy(int)
+        if not np.array_equal(yp, df["label"].to_numpy(int)) or pnl.any():
+            pm = _class_metrics(df, yp, seed)
+            for k in ("auc", "auc_ci_low", "auc_ci_high", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "n_pos", "n_neg"):
+                m[f"planted_{k}"] = pm[k]
+            m["planted_per_family_auc"] = pm["per_family_auc"]
+    return m
+
+
+def _class_metrics(df: pd.DataFrame, y: np.ndarray, seed: int) -> dict:
+    s = df["score"].to_numpy(float)
+    m = detection_metrics(s, y, seed=seed)
     pos = y == 1
     groups = df["group"].to_numpy()
     m["per_group_auc"] = {g: roc_auc(np.r_[s[pos], s[groups == g]], np.r_[y[pos], y[groups == g]])

@@ -52,6 +52,23 @@ class TrainHook(Protocol):
         """Bool [B]: which samples count in the loss."""
 
 
+class CaptionHook(Protocol):
+    """Optional second method of a hook: per-batch captions (e.g. fresh random tokens per sample)."""
+
+    def captions(self, step: int, pairs: torch.Tensor, captions: list[str]) -> dict[int, str]:
+        """{batch position: caption} replacing the drawn pairs' captions (``pairs`` [B] index
+        ``captions``) for those samples; the loop encodes them with the frozen text encoder.
+        Caption-dropped samples stay unconditional."""
+
+
+def _caption_swaps(hooks, step: int, pairs: torch.Tensor, drop: torch.Tensor, captions: list[str]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for h in hooks:
+        if hasattr(h, "captions"):
+            out.update(h.captions(step, pairs, captions))
+    return {i: c for i, c in out.items() if not bool(drop[i])}
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
@@ -102,6 +119,8 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
     T = sched.config.num_train_timesteps
     if te is None:
         table, cap_idx = _caption_table(model, data.captions)
+    elif any(hasattr(h, "captions") for h in hooks):
+        raise ValueError("per-batch caption hooks need the frozen text encoder (train_text_encoder=False)")
     else:
         tokens, cap_idx = _token_table(model, data.captions)
     x0_all = data.x0.to(model.device, model.dtype)
@@ -123,6 +142,10 @@ def train(model: DiffusionModel, data: TrainData, cfg: TrainConfig, out_dir: str
         rows = torch.where(drop, 0, cap_idx[pairs] + 0)
         if te is None:
             emb = table[rows]
+            swaps = _caption_swaps(hooks, step, pairs, drop, data.captions)
+            if swaps:
+                with torch.no_grad():
+                    emb[list(swaps)] = model.encode(list(swaps.values())).to(emb.dtype)
         else:
             emb = te(**{k: v[rows].to(model.device) for k, v in tokens.items()})[0].to(model.dtype)
         a = acp[t].view(-1, *([1] * (x0.dim() - 1))).to(model.dtype)

@@ -73,7 +73,7 @@ def strengths(mcfg: dict) -> list[float]:
 
 def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     """One training-time mitigator over its strengths; one run folder per strength."""
-    from bench.mitigate import aggregate, generate_and_measure
+    from bench.mitigate import aggregate, check_rows, generate_and_measure, resume_batches
     from bench.runner import build_model, world_for
     from tasks.finetune_world import finetune_config_from_dict, finetune_world
 
@@ -115,13 +115,13 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
         run.write_manifest(seeds={"seed": seed, "generation_seeds": seeds}, params=mit.params(), protocol=protocol,
                            protocol_hash=protocol_hash, judge=judge.protocol(), prompt_ids=[e.id for e in prompts],
                            model_load_seconds=load_seconds, fit_report=mit.fit_report)
-        done = {str(x).rsplit(":", 1)[0] for x in run.done_ids()}
-        todo = [e for e in prompts if e.id not in done]
-        bs = int(cfg.get("batch_prompts", 16))
-        for b0 in range(0, len(todo), bs):
-            run.append_rows(generate_and_measure(mit, model, judge, todo[b0:b0 + bs], seeds, spec, seed=seed,
-                                                 what=method))
-        metrics = aggregate(run.read_rows())
+        done = run.done_ids()          # resume per (prompt, seed), as bench.mitigate (resume_batches)
+        for batch in resume_batches(prompts, seeds, done, int(cfg.get("batch_prompts", 16))):
+            rows = generate_and_measure(mit, model, judge, batch, seeds, spec, seed=seed, what=method)
+            run.append_rows([r for r in rows if r["id"] not in done])
+        rows = run.read_rows()
+        check_rows(rows, [e.id for e in prompts], seeds, where=str(run.path))
+        metrics = aggregate(rows)
         fr = mit.fit_report
         metrics.update({"kind": "mitigate", "task": task["name"], "model": model.name, "mitigator": mid or mit.name,
                         "strength": strength, "strength_unit": mit.strength_unit,

@@ -142,6 +142,54 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+MANIFEST = "groundtruth.json"     # in the model folder, beside the weights it was measured on
+
+
+class GroundTruthError(FileNotFoundError):
+    """A model has no measured ground truth for its weights (missing, or measured on other weights)."""
+
+
+def manifest(df: pd.DataFrame, thr: dict, world, weights: str, seconds: float, summ: pd.DataFrame) -> dict:
+    """groundtruth.json: protocol, thresholds, the world's and the weights' sha256, and per prompt
+    whether it reproduces its training image (>= half the seeds copy) with its copy rate."""
+    labels = {str(r.id): {"reproduces": bool(r.reproduces),
+                          "copy_rate": None if pd.isna(getattr(r, "copy_rate", np.nan)) else float(r.copy_rate)}
+              for r in df.itertuples(index=False)}
+    return {"protocol": {"sampler": "DDIM", "steps": 50, "guidance": 7.5, "seeds": [0, 1, 2, 3],
+                         "copy_measure": "region cn-RMSE to nearest target < family threshold",
+                         "threshold_rule": f"{QUANTILE:.0%} quantile of training-set null distances",
+                         "reproduces_rule": "copy_rate >= 0.5 (at least half of the seeds copy)",
+                         "cn_std_floor": FLOOR, "sscd": "sscd_disc_mixup ONNX, bilinear 288"},
+            "thresholds": thr, "memworld_sha256": world.sha256, "weights_sha256": weights,
+            "seconds": seconds, "summary": summ.to_dict(orient="records"), "labels": labels}
+
+
+def measured_labels(model, world) -> dict[str, bool]:
+    """Per evaluation-prompt id: does it reproduce its training image on *these* weights?
+
+    Read from ``<model folder>/groundtruth.json``; refused (``GroundTruthError``) when the file is
+    missing, predates per-prompt labels, or was measured on another world or other weights.
+    """
+    from bench.model import weights_sha256
+
+    hint = ("run `make groundtruth` (ORGANISM_VERSION=<version>) to measure it, or pass "
+            "task.labels=planted to score against planted-family labels (test-size organisms)")
+    f = Path(model.path or ".") / MANIFEST
+    if not model.path or not f.is_file():
+        raise GroundTruthError(f"model {model.name!r} has no measured ground truth ({f} is missing): {hint}")
+    d = json.loads(f.read_text())
+    if "labels" not in d or "weights_sha256" not in d:
+        raise GroundTruthError(f"{f} predates per-prompt labels and weight hashes: {hint}")
+    if d.get("memworld_sha256") != world.sha256:
+        raise GroundTruthError(f"{f} was measured on another world (memworld sha256 "
+                               f"{str(d.get('memworld_sha256'))[:12]} != {world.sha256[:12]}): {hint}")
+    w = weights_sha256(model)
+    if d["weights_sha256"] != w:
+        raise GroundTruthError(f"{f} was measured on other weights (sha256 {d['weights_sha256'][:12]} != "
+                               f"{w[:12]} of the loaded model): {hint}")
+    return {k: bool(v["reproduces"]) for k, v in d["labels"].items()}
+
+
 def groundtruth_stem(version: str) -> str:
     """File stem of a version's ground truth under results/ (``<stem>.csv``, ``<stem>_summary.{csv,md}``)."""
     return f"organism_groundtruth_{version}"
@@ -171,13 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     summ.to_csv(out / f"{stem}_summary.csv", index=False, float_format="%.3f")
     (out / f"{stem}_summary.md").write_text(summ.to_markdown(index=False, floatfmt=".3f")
                                                          if _has_tabulate() else summ.to_string(index=False))
-    manifest = {"protocol": {"sampler": "DDIM", "steps": 50, "guidance": 7.5, "seeds": [0, 1, 2, 3],
-                             "copy_measure": "region cn-RMSE to nearest target < family threshold",
-                             "threshold_rule": f"{QUANTILE:.0%} quantile of training-set null distances",
-                             "cn_std_floor": FLOOR, "sscd": "sscd_disc_mixup ONNX, bilinear 288"},
-                "thresholds": thr, "memworld_sha256": world.sha256, "seconds": time.perf_counter() - t0,
-                "summary": summ.to_dict(orient="records")}
-    (default_dir(cfg) / "groundtruth.json").write_text(json.dumps(manifest, indent=2, default=str))
+    from bench.model import weights_sha256
+
+    m = manifest(df, thr, world, weights_sha256(model), time.perf_counter() - t0, summ)
+    tmp = Path(model.path) / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(m, indent=2, default=str))
+    tmp.replace(Path(model.path) / MANIFEST)
     print(summ.to_string(index=False))
 
 

@@ -31,7 +31,7 @@ DETS = {"nm_a": {"_target_": NM, "id": "nm_a", "n_gen": 1, "steps": 1, "total_st
 def cfgs(tmp_path, names) -> list[dict]:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         base = OmegaConf.to_container(compose("detect", overrides=[
-            f"runs_dir={tmp_path}/runs", "leaderboard=null", "hardware.threads=1", "model=organism_small",
+            f"runs_dir={tmp_path}/runs", "leaderboard=null", "hardware.threads=1", "model=organism_small", "task.labels=planted",
             "task.max_per_group=1", "batch_prompts=5"]), resolve=True)
     return [{**base, "detector": dict(DETS[n])} for n in names]
 

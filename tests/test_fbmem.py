@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.fbmem import (CATEGORIES, ORGANISM_THRESHOLDS, TRANSITION_REWARD, FBMemConfig, FBThresholds,
+from bench.fbmem import (CATEGORIES, TRANSITION_REWARD, FBMemConfig, FBThresholds,
                          calibrate_thresholds, categorize, category_shares, classify_generations,
                          fbmem_scores, fg_bg_images, mitigation_score, transition_counts)
 from bench.msssim import MSSSIMConfig, ms_ssim, ms_ssim_matrix, ms_ssim_pairs, ssim_map
@@ -80,22 +80,45 @@ def constructed():
     return np.stack(train).astype(np.float32), np.stack(tmask), gens, np.stack(gmask)
 
 
+# fixed thresholds for the constructed cases (organism-scale similarity levels; not world-bound)
+THR = FBThresholds(0.8245, 0.7780, "test constant")
+
+
 def test_categories_on_constructed_cases(constructed):
     train, tmask, gens, gmask = constructed
     scores = fbmem_scores(gens, gmask, train, tmask)                   # exhaustive top-k, as the release
     assert list(scores.columns) == ["gen", "rank", "train_idx", "fg_sim", "bg_sim", "avg_sim", "degenerate_rule"]
     assert (scores.groupby("gen")["avg_sim"].apply(lambda s: s.is_monotonic_decreasing)).all()
-    per_gen = classify_generations(scores, ORGANISM_THRESHOLDS)
+    per_gen = classify_generations(scores, THR)
     assert per_gen["category"].tolist() == ["VM", "FM", "BM", "NM"]
     assert per_gen["train_idx"].tolist()[:3] == [0, 0, 0]           # the copies link to the copied image
     assert category_shares(per_gen["category"]) == {"fbmem_vm": 0.25, "fbmem_fm": 0.25, "fbmem_bm": 0.25,
                                                     "fbmem_nm": 0.25}
 
 
-def test_organism_thresholds_are_calibrated_and_recorded():
-    assert ORGANISM_THRESHOLDS.source.startswith("calibrate_thresholds")
-    assert FBMemConfig().region == "masked" and "masked" in ORGANISM_THRESHOLDS.source
-    assert 0 < ORGANISM_THRESHOLDS.fg <= 1 and 0 < ORGANISM_THRESHOLDS.bg <= 1
+def test_world_thresholds_are_stored_by_sha256_and_refused_elsewhere(small_world, tmp_path):
+    """Thresholds belong to the world they were calibrated on: stored with its sha256, reused, and
+    refused for another world (stored file or in memory)."""
+    import dataclasses
+    import json
+
+    from bench.fbmem import FBMemThresholdError, check_world, thresholds_for
+    from tasks.memworld import build_memworld
+
+    thr = thresholds_for(small_world, store_dir=tmp_path, progress=False)
+    f = tmp_path / f"fbmem_thresholds_{small_world.sha256[:16]}.json"
+    d = json.loads(f.read_text())
+    assert d["world_sha256"] == small_world.sha256 == thr.world_sha256
+    assert thr.source.startswith("calibrate_thresholds") and "masked" in thr.source
+    assert 0 < thr.fg <= 1 and 0 < thr.bg <= 1
+    assert thresholds_for(small_world, store_dir=tmp_path, progress=False) == thr        # read back, not recomputed
+    check_world(thr, small_world)
+    other = build_memworld(dataclasses.replace(small_world.config, seed=small_world.config.seed + 1))
+    with pytest.raises(FBMemThresholdError, match="another world|used on world"):
+        check_world(thr, other)
+    f.write_text(json.dumps({**d, "world_sha256": other.sha256}))           # a file made for another world
+    with pytest.raises(FBMemThresholdError, match="another world"):
+        thresholds_for(small_world, store_dir=tmp_path, progress=False)
 
 
 def test_given_candidates_score_the_same_pairs_and_rank_by_average(constructed):
@@ -123,7 +146,7 @@ def test_one_generation_links_to_a_cluster_of_training_images():
     gen, gmask = _compose(t, *spr[3], 9, 9)
     scores = fbmem_scores(gen[None].astype(np.float32), gmask[None], train.astype(np.float32), tmask,
                           cfg=FBMemConfig(top_k=4))
-    row = classify_generations(scores, ORGANISM_THRESHOLDS).iloc[0]
+    row = classify_generations(scores, THR).iloc[0]
     assert row["category"] == "BM"
     assert sorted(row["linked_train_idx"]) == [0, 1, 2]
 
@@ -144,7 +167,7 @@ def test_foreground_and_background_images_and_degenerate_rule(constructed):
     # masked: the training image's background region decides, compared with the whole generation there
     expect = ms_ssim_pairs(tb, gens[:1], [0], [0], weights_a=~tmask[:1], weights_b=all_fg, region="both")[0]
     assert masked["bg_sim"].iloc[0] == pytest.approx(expect, abs=1e-6)
-    assert expect >= ORGANISM_THRESHOLDS.bg             # the copied background is still recognised
+    assert expect >= THR.bg             # the copied background is still recognised
     none_fg = np.zeros_like(gmask[:1])
     assert fbmem_scores(gens[:1], none_fg, train, tmask, match_idx=np.array([[0]]))["degenerate_rule"].iloc[0] == "bg_for_fg"
 

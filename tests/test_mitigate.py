@@ -26,7 +26,7 @@ def judge(small_organism, small_world, tmp_path_factory):
     clip = ClipScorer.from_model(make_clip(ARCH), tokenize, ARCH["vision_cfg"]["image_size"], MEAN, STD)
     assert open_clip is not None
     return CopyJudge(small_world, clip, threads=1, cache_dir=str(tmp_path_factory.mktemp("index")),
-                     segmenter_name="border_palette")
+                     segmenter_name="border_palette", fbmem_threshold_dir=str(tmp_path_factory.mktemp("fbthr")))
 
 
 def cfg(tmp_path, mitigator: dict, **kw) -> dict:

@@ -42,7 +42,7 @@ def test_sd_model_without_path_is_a_clear_error(tmp_path):
 
 
 def test_run_detect_writes_run_folder_and_leaderboard(tmp_path, small_organism):
-    c = cfg_for(tmp_path, "model=organism_small", "task.max_per_group=2", "detector=nm_n1_k1")
+    c = cfg_for(tmp_path, "model=organism_small", "task.labels=planted", "task.max_per_group=2", "detector=nm_n1_k1")
     m = run_detect(c, model=small_organism, progress=False)
     run = Path(tmp_path, "runs", m["run"])
     man = json.loads((run / "manifest.json").read_text())
@@ -59,7 +59,7 @@ def test_run_detect_writes_run_folder_and_leaderboard(tmp_path, small_organism):
 def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, small_organism, monkeypatch):
     from baselines.detectors.noise_magnitude import NoiseMagnitude
 
-    c = cfg_for(tmp_path, "model=organism_small", "task.max_per_group=2", "detector=nm_n1_k1", "batch_prompts=5")
+    c = cfg_for(tmp_path, "model=organism_small", "task.labels=planted", "task.max_per_group=2", "detector=nm_n1_k1", "batch_prompts=5")
     ref = run_detect({**c, "runs_dir": f"{tmp_path}/ref", "leaderboard": None}, model=small_organism, progress=False)
     calls = {"n": 0}
     orig = NoiseMagnitude.score

@@ -184,3 +184,51 @@ def test_prompt_embeds_replace_encoder(model):
     assert_same_latents(b.x, a.x)
     with pytest.raises(ValueError, match="prompt_embeds has 2 rows for 3 prompts"):
         sample(model, ["x", "y", "z"], seeds, steps=3, prompt_embeds=emb)
+
+
+# ---------------------------------------------------------------------- SD 2.x (v-prediction)
+def _reference_cfg_ddim(model, prompts, seeds, steps, guidance, *, native_v: bool):
+    """A DDIM CFG loop written here, outside bench.sampling, for a v-prediction model.
+
+    ``native_v=False``: the adapter's eps (v converted) stepped by an *epsilon* DDIM scheduler;
+    ``native_v=True``: the raw UNet v output (no conversion) stepped by a *v_prediction* scheduler,
+    as diffusers' StableDiffusionPipeline does for SD 2.x. Both must equal ``sample()``.
+    """
+    from diffusers import DDIMScheduler
+
+    cfg = dict(model.scheduler_config)
+    cfg["prediction_type"] = "v_prediction" if native_v else "epsilon"
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(steps)
+    out = []
+    with torch.no_grad():
+        cond, uncond = model.encode(prompts), model.encode([""])
+        for p in range(len(prompts)):
+            x = model.init_latents(seeds)
+            e = torch.cat([cond[p:p + 1].expand(len(seeds), -1, -1), uncond.expand(len(seeds), -1, -1)])
+            for t in sched.timesteps:
+                if native_v:
+                    o = model.unet(torch.cat([x, x]), t, encoder_hidden_states=e, return_dict=False)[0]
+                else:
+                    o = model.eps(torch.cat([x, x]), t, e)
+                oc, ou = o.chunk(2)
+                x = sched.step(ou + guidance * (oc - ou), t, x, eta=0.0, return_dict=False)[0]
+            out.append(x)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("native_v", [False, True], ids=["eps+epsilon_scheduler", "v+v_scheduler"])
+def test_v_prediction_sampling_matches_reference_ddim_over_50_steps(tmp_path, native_v):
+    from tests.conftest import make_tiny_sd
+
+    m = load_model(make_tiny_sd(tmp_path / "vpred", prediction_type="v_prediction"),
+                   dtype="float32")
+    m.unet.double()
+    m.text_encoder.double()
+    assert m.prediction_type == "v_prediction"
+    prompts, seeds = ["a red circle", "zebra kettle poster"], [0, 5]
+    res = sample(m, prompts, seeds, steps=50, guidance=7.5, decode=False)
+    ref = _reference_cfg_ddim(m, prompts, seeds, 50, 7.5, native_v=native_v)
+    assert res.x.dtype == torch.float64
+    # float64 model; the scheduler keeps alphas_cumprod (and 1 - alpha) in float32, hence float32 precision
+    assert_same_latents(res.x, ref, rel=1e-5)

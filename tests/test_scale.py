@@ -22,7 +22,7 @@ from bench.runner import run_detect, shard_device
 from bench.shard import Shard
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-SMALL = ["model=organism_small", "detector=nm_n1_k1", "hardware.threads=1"]
+SMALL = ["model=organism_small", "task.labels=planted", "detector=nm_n1_k1", "hardware.threads=1"]
 TIMING = ["seconds_per_prompt"]            # measured wall time: the one thing a merge cannot reproduce
 
 

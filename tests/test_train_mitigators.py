@@ -157,7 +157,7 @@ def test_strength_zero_is_plain_finetuning(small_organism, cache):
 
 
 def test_random_token_transform_splits_weights(small_organism, ftw):
-    rt = TrainRandomTokens(strength=0.25, n_tokens=2, pool=3)
+    rt = TrainRandomTokens(strength=0.25, n_tokens=2, draw="pool", n_variants=3)
     data = train_data(ftw)
     out, info = rt.transform(small_organism, ftw, seed=0)(data)
     P = len(data.captions)

@@ -13,10 +13,20 @@ transfer to another model). It then localises every ``memorized`` prompt (``loca
    exceeds tau_mem; none -> not memorized, empty set.
 2. initial selection: theta from 5, k from 0; candidates per layer = {|a_i - mu_i| / sigma_i > theta}
    union top-k by a_i; deactivate, recompute delta on the kept seeds; while max over seeds of
-   MS-SSIM(delta_unblocked, delta_blocked) > tau_mem: theta -= 0.25 (floor 1), k += 1. Exit also at
-   theta = 1 or k >= the widest layer; then the refinement threshold is the SSIM reached.
-3. refinement: layers in reverse order, re-activate a layer's candidates, drop the layer if the SSIM
-   stays below the threshold; then neuron by neuron within remaining layers, same rule.
+   MS-SSIM(delta_unblocked, delta_blocked) > tau_mem: theta -= 0.25 (floor 1), k += 1. As in the
+   release (3_detect_memorized_neurons.py), the exit test comes right after that update: once a
+   failing step brings theta to 1 (or k to the widest layer) the loop stops WITHOUT evaluating the new
+   (theta, k); the selection kept is the last one evaluated (theta = 1.25, k = 15 with the defaults)
+   and the refinement threshold is its SSIM. Otherwise (SSIM <= tau_mem) the threshold is tau_mem.
+3. refinement (release ``neuron_refinement``): (i) layers in REVERSE forward order (last searched
+   layer first: mid block, then the down blocks from the deepest), re-activate a layer's candidates,
+   drop the layer if the SSIM stays below the threshold; (ii) again layers in reverse order, and within
+   a layer the candidates in the release's list order (z-score outliers by channel index, then the
+   top-k by activation, a neuron in both listed twice), re-activate one entry, drop it if the SSIM
+   stays below the threshold.
+Before this port (recorded for comparing earlier results): the capped loop evaluated and kept the
+theta = 1 (k = 16) selection, and stage (ii) walked the layers in forward order (sorted names) with the
+channels ascending; stage (i) already walked them in reverse.
 
 ``generate`` deactivates each prompt's own neurons in one batched sampling call: a forward hook on
 each searched ``to_v`` reads the text-embedding rows it receives, identifies each sample's prompt by
@@ -45,6 +55,18 @@ Neurons = frozenset[tuple[str, int]]      # {(to_v layer name, output channel)}
 SEARCH_SPACES = {"down_mid": ("down_blocks.", "mid_block."),                  # NeMo
                  "all": ("down_blocks.", "mid_block.", "up_blocks.")}         # deviation, recorded
 STD_FLOOR = 1e-8                          # sigma of a constant neuron; recorded in params()
+RELEASE_RULES = {                         # how localise follows the public release; recorded in params()
+    "selection_kept": ("last evaluated: a failing step lowers theta by theta_step and raises k by 1, then "
+                       "the loop stops once theta <= theta_min or k >= the widest layer WITHOUT evaluating "
+                       "that (theta, k); the kept selection is theta_min + theta_step's (release: theta = 1.25, "
+                       "k = 15) and its SSIM is the refinement threshold (else tau_mem); theta is floored at "
+                       "theta_min where the release tests theta == 1 exactly (the same for 5 / 0.25 / 1)"),
+    "refinement_layer_order": ("reverse forward order (mid block, then down blocks deepest first) in both the "
+                               "layer-wise and the neuron-wise stage (release)"),
+    "refinement_neuron_order": ("within a layer the release's list order: z-score outliers by channel, then "
+                                "top-k by activation (a neuron in both listed twice, list.remove semantics)"),
+    "localise_rule_version": 2,           # 1: kept the theta = 1 selection, neuron-wise stage in forward order
+}
 
 
 def value_layers(unet: torch.nn.Module, space: str = "down_mid") -> dict[str, torch.nn.Linear]:
@@ -99,8 +121,8 @@ class Localisation:
     ssim_unblocked: float                # max over seeds of the max pairwise MS-SSIM (step 1)
     ssim_blocked: float                  # max over kept seeds of MS-SSIM(unblocked, blocked by S(p))
     n_initial: int                       # candidates after the initial selection
-    theta: float                         # theta and k at the end of the initial selection
-    k: int
+    theta: float                         # theta and k of the kept initial selection (the last one
+    k: int                               #   evaluated; 1.25 / 15 when the release's cap is reached)
     threshold: float                     # refinement threshold (tau_mem, or the SSIM reached at the cap)
     unet_rows: int                       # UNet sample rows this localisation cost
 
@@ -158,45 +180,59 @@ def localise(model: DiffusionModel, prompt: str, stats: ActivationStats, tau_mem
                             theta=theta_start, k=0, threshold=tau_mem,
                             unet_rows=model.counter.rows - rows0, **base)
     x_k, d0_k = x_T[keep], d0[keep]
+    memo: dict[Neurons, float] = {}
 
     def ssim_with(neurons: Neurons) -> float:
+        """max over kept seeds of MS-SSIM(delta unblocked, delta with ``neurons`` blocked); memoised
+        (deterministic), so the release's no-op re-tests of a duplicated entry cost nothing."""
         if not neurons:
             return 1.0
-        with blocked(model, neurons):
-            d = noise_diff(model, emb, x_k, t)
-        return float(ms_ssim(d0_k, d, cfg).max())
+        if neurons not in memo:
+            with blocked(model, neurons):
+                d = noise_diff(model, emb, x_k, t)
+            memo[neurons] = float(ms_ssim(d0_k, d, cfg).max())
+        return memo[neurons]
 
-    def select(theta: float, k: int) -> Neurons:
-        out = set()
-        for n in layers:
-            out |= {(n, int(i)) for i in torch.nonzero(z[n] > theta).flatten()}
-            out |= {(n, int(i)) for i in torch.topk(a[n], min(k, len(a[n]))).indices}
-        return frozenset(out)
+    def select(theta: float, k: int) -> dict[str, list[int]]:
+        """Per layer, in the release's list order: z-score outliers by channel, then top-k by a_i
+        (a neuron in both appears twice, as in the release's ``initial_neuron_selection``)."""
+        return {n: [int(i) for i in torch.nonzero(z[n] > theta).flatten()]
+                + [int(i) for i in torch.topk(a[n], min(k, len(a[n]))).indices] for n in layers}
+
+    def as_set(sel: dict[str, list[int]]) -> Neurons:
+        return frozenset((n, i) for n, idx in sel.items() for i in idx)
 
     max_width = max(m.out_features for m in layers.values())
     theta, k = theta_start, 0
-    while True:
-        cand = select(theta, k)
-        s = ssim_with(cand)
+    while True:                                 # release: 3_detect_memorized_neurons.py
+        sel, sel_theta, sel_k = select(theta, k), theta, k
+        s = ssim_with(as_set(sel))
+        if s > tau_mem:
+            if theta > theta_min:
+                theta = max(theta - theta_step, theta_min)
+            k += 1
+        if theta <= theta_min or k >= max_width:
+            threshold = s                       # the cap: the last evaluated selection and its SSIM
+            break
         if s <= tau_mem:
             threshold = tau_mem
             break
-        if theta <= theta_min or k >= max_width:
-            threshold = s                       # NeMo: refinement keeps what the cap reached
-            break
-        theta, k = max(theta - theta_step, theta_min), k + 1
-    n_initial = len(cand)
-    current = set(cand)
-    for n in reversed(list(layers)):            # (i) layer-wise, reverse order
-        layer_set = {x for x in current if x[0] == n}
-        if layer_set and ssim_with(frozenset(current - layer_set)) < threshold:
-            current -= layer_set
-    for x in sorted(current):                   # (ii) neuron-wise within the remaining layers
-        if ssim_with(frozenset(current - {x})) < threshold:
-            current.discard(x)
-    final = frozenset(current)
+    n_initial = len(as_set(sel))
+    order = list(reversed(list(layers)))        # reverse forward order (layers is in forward order)
+    current = {n: list(sel[n]) for n in layers}
+    for n in order:                             # (i) layer-wise
+        if current[n] and ssim_with(as_set({**current, n: []})) < threshold:
+            current[n] = []
+    for n in order:                             # (ii) entry by entry within the remaining layers
+        for i in list(current[n]):
+            trial = list(current[n])
+            trial.remove(i)                     # the first occurrence, as list.remove in the release
+            if ssim_with(as_set({**current, n: trial})) < threshold:
+                current[n] = trial
+    final = as_set(current)
     return Localisation(neurons=final, memorized=True, ssim_blocked=ssim_with(final), n_initial=n_initial,
-                        theta=theta, k=k, threshold=threshold, unet_rows=model.counter.rows - rows0, **base)
+                        theta=sel_theta, k=sel_k, threshold=threshold, unet_rows=model.counter.rows - rows0,
+                        **base)
 
 
 @torch.inference_mode()
@@ -293,7 +329,7 @@ class NeMo(Mitigator):
         d = {k: v for k, v in asdict(self).items()
              if k not in ("stats", "localisations", "tau_used", "_seed", "_unet_id", "_map_px")}
         d.update(name=self.name, strength_unit=self.strength_unit, tau_mem_used=self.tau_used,
-                 std_floor=STD_FLOOR, n_reference=self.stats.n_prompts if self.stats else 0)
+                 std_floor=STD_FLOOR, n_reference=self.stats.n_prompts if self.stats else 0, **RELEASE_RULES)
         if self._unet_id is not None:
             d["ssim_kernel_used"] = list(self.signal().kernel_for(self._map_px))
         return d

@@ -1,19 +1,35 @@
 """Clustering-driven training-data augmentation (FB-Mem's clustering, reading (b); methods.md 7c).
 
+This method is diffmem's OWN CONSTRUCTION of FB-Mem's clustering idea: FB-Mem releases no
+training-time augmentation (its code clusters prompts, k-means on text-encoder outputs, for analysis),
+so everything below (what is clustered, the dense test, the augmentation) is ours, not FB-Mem's.
 FB-Mem reports that single prompts link to CLUSTERS of similar training images and that local
-(foreground) memorization survives neuron-level mitigation; its code clusters prompts (k-means on
-text-encoder outputs). Reading (b) of 7c clusters the TRAINING IMAGES instead, which is what a
-training-time mitigator can act on: here the fine-tuning set's images are embedded with SSCD
-(``bench.embed.get_embedder("sscd")``, sscd_disc_mixup, 288 px) and clustered with FAISS k-means
-(``faiss.Kmeans``, spherical, each image weighted by its number of training rows, i.e. duplicates
-counted as in web data). A cluster is DENSE when both
+(foreground) memorization survives neuron-level mitigation. Reading (b) of 7c clusters the TRAINING
+IMAGES instead, which is what a training-time mitigator can act on: here the fine-tuning set's images
+are embedded with SSCD (``bench.embed.get_embedder("sscd")``, sscd_disc_mixup, 288 px) and clustered
+with FAISS k-means (``faiss.Kmeans``, spherical, seeded by the fit seed, each image weighted by its
+number of training rows, i.e. duplicates counted as in web data). A cluster is DENSE when both
 - its mass (training rows, duplicates counted) >= ``mass_factor`` x the mean cluster mass, and
 - its tightness (mass-weighted mean cosine of its members to the normalised centroid) >= ``min_tightness``.
-Defaults (k = 16, mass_factor 1, min_tightness 0.75) were set from the organism's fine-tuning set
-(python -m tasks.finetune_mitigate build logs the per-cluster stats in the manifest): at k = 16 the
-ordinary-only clusters have tightness 0.70-0.71 (max 0.708), each new MV image forms its own cluster
-(mass 100, tightness 1.0) and 7 of the 8 sprite images form one (mass 112, tightness 0.80); the 8th
-sprite image falls in an ordinary cluster (tightness 0.74) and is not augmented.
+k = 16 and mass_factor 1 are the method's fixed design choices (one cluster per ~50 images; "heavier
+than the average cluster"). ``min_tightness`` is CHOSEN ON A HELD-OUT WORLD, never on the scored one
+(``tasks/cluster_tightness.py``, ``python -m tasks.cluster_tightness``): the selection world is the
+fine-tuning world drawn with both seeds of the scored one offset by 1000 (base world
+``MemWorldConfig.seed`` 1000 instead of 0, ``FinetuneConfig.seed`` 1001 instead of 1; organism-v2's
+world config otherwise; sha256 716e85aa48f8...), so it shares no image with the scored world. Rule:
+cluster its training images exactly as this mitigator does (same SSCD, k, k-means seed 0 = the
+benchmark's fit seed, mass weights) and take the smallest multiple of 0.01 strictly above the largest
+tightness of an ordinary-only cluster (any mass). Measured there (k = 16, seed 0): the 10
+ordinary-only clusters have tightness 0.654-0.795 (the two tightest are light, mass 35 and 36 against a
+mean of 116; the ordinary-only clusters heavy enough to pass the mass test reach only 0.692), so
+min_tightness = 0.80 (the value set before, 0.75, had been read off the scored world itself). The
+planted images' clusters there: one MV image alone (mass 200, tightness 1.0), one MV + 2 ordinary
+(202, 0.996), 2 MV + 3 ordinary (403, 0.835), the 8 mosaic (BG) images + 21 ordinary (149, 0.873), and
+the 8 sprite (FG) images split 6 (96, 0.788) + 2 (32, 0.901); at 0.80 the dense clusters hold 4/4 MV,
+8/8 BG, 0/8 FG images (the sprite clusters fail the MASS test, at any tightness) and 26 ordinary images.
+Caveat measured with ``--sweep-seeds 6``: under k-means seeds 1-5 the same rule would give 0.77, 0.73,
+0.73, 0.73, 0.72, so the threshold is set by where one clustering happens to put a few tight light
+ordinary clusters; the value is fixed by the rule, not tuned.
 Members of dense clusters are then augmented during fine-tuning so their exact pixels (and the
 foreground of a repeated sprite) are not learned: with probability p = strength a draw of such a
 pair uses an augmented copy of its image: a random translation of up to ``max_shift`` px (reflect
@@ -47,6 +63,33 @@ def cluster_images(emb: np.ndarray, weights: np.ndarray, k: int, *, seed: int, n
     km.train(x, weights=np.ascontiguousarray(weights, np.float32))
     _, assign = km.index.search(x, 1)
     return assign[:, 0], km.centroids
+
+
+def image_weights(data: TrainData) -> tuple[np.ndarray, np.ndarray]:
+    """(used image ids, their training rows): each image weighted by the summed weight of its pairs."""
+    w = np.zeros(len(data.x0))
+    np.add.at(w, data.pair_image.numpy(), data.pair_weight.double().numpy())
+    used = np.unique(data.pair_image.numpy())
+    return used, w[used]
+
+
+def embed_images(data: TrainData, used: np.ndarray, *, sscd_resize: int = 288) -> np.ndarray:
+    """SSCD embeddings (sscd_disc_mixup at ``sscd_resize`` px) of the used images."""
+    from bench.embed import get_embedder
+
+    sscd = get_embedder("sscd", resize=sscd_resize, threads=max(1, torch.get_num_threads()), progress=False)
+    return sscd.embed(((data.x0[used].float() + 1) / 2).numpy())
+
+
+def cluster_training_images(data: TrainData, *, n_clusters: int, seed: int, sscd_resize: int = 288,
+                            emb: np.ndarray | None = None):
+    """THE clustering of the mitigator (also used to choose ``min_tightness``, tasks/cluster_tightness.py):
+    (used image ids, their masses, embeddings, assignment, centroids). ``emb`` skips SSCD."""
+    used, w = image_weights(data)
+    if emb is None:
+        emb = embed_images(data, used, sscd_resize=sscd_resize)
+    assign, cent = cluster_images(emb, w, n_clusters, seed=seed)
+    return used, w, emb, assign, cent
 
 
 def dense_clusters(emb: np.ndarray, weights: np.ndarray, assign: np.ndarray, centroids: np.ndarray, *,
@@ -86,11 +129,25 @@ def augment_image(x: torch.Tensor, rng: np.random.Generator, *, max_shift: int, 
     return (img.clamp(0, 1) * 2 - 1).to(x.dtype)
 
 
+# How the default min_tightness was chosen (tasks/cluster_tightness.py); recorded in every run's params.
+MIN_TIGHTNESS_SELECTION = {
+    "value": 0.80,
+    "rule": "smallest multiple of 0.01 strictly above the max tightness of the non-empty ordinary-only "
+            "clusters (any mass) of the selection world, clustered exactly as the mitigator clusters "
+            "(SSCD, k-means, mass weights, fit seed)",
+    "selection_world": {"organism": "v2", "base_world_seed": 1000, "finetune_seed": 1001,
+                        "sha256_prefix": "716e85aa48f8", "kmeans_seed": 0, "n_clusters": 16, "mass_factor": 1.0},
+    "scored_world": {"base_world_seed": 0, "finetune_seed": 1},
+    "selection_ordinary_only_tightness_max": 0.7954,
+    "command": "OMP_NUM_THREADS=1 python -m tasks.cluster_tightness",
+}
+
+
 @dataclass
 class TrainClusterAugment(FinetuneMitigator):
     n_clusters: int = 16
     mass_factor: float = 1.0
-    min_tightness: float = 0.75
+    min_tightness: float = 0.80      # chosen on a world of another seed: MIN_TIGHTNESS_SELECTION
     pool: int = 8
     max_shift: int = 2
     jitter: float = 0.2
@@ -110,6 +167,15 @@ class TrainClusterAugment(FinetuneMitigator):
                 "mass_factor": self.mass_factor, "min_tightness": self.min_tightness, "pool": self.pool,
                 "max_shift": self.max_shift, "jitter": self.jitter, "sscd_resize": self.sscd_resize}
 
+    def params(self) -> dict:
+        d = super().params()
+        sel = MIN_TIGHTNESS_SELECTION
+        at = sel["selection_world"]           # does this run use the selected value at the selection's k, mass?
+        applies = (self.min_tightness == sel["value"] and self.n_clusters == at["n_clusters"]
+                   and self.mass_factor == at["mass_factor"])
+        d["min_tightness_selection"] = {**sel, "applies": applies}
+        return d
+
     def transform(self, model, world, seed):
         def fn(data: TrainData):
             return self.augment(data, seed=seed, world=world)
@@ -117,16 +183,10 @@ class TrainClusterAugment(FinetuneMitigator):
 
     def augment(self, data: TrainData, *, seed: int, world=None, emb: np.ndarray | None = None):
         """Cluster the pairs' images, augment dense members; ``emb`` (per used image) skips SSCD (tests)."""
-        from bench.embed import get_embedder
-
-        used = np.unique(data.pair_image.numpy())
+        used, wu, emb, assign, cent = cluster_training_images(data, n_clusters=self.n_clusters, seed=seed,
+                                                              sscd_resize=self.sscd_resize, emb=emb)
         w = np.zeros(len(data.x0))
-        np.add.at(w, data.pair_image.numpy(), data.pair_weight.double().numpy())
-        if emb is None:
-            sscd = get_embedder("sscd", resize=self.sscd_resize, threads=max(1, torch.get_num_threads()),
-                                progress=False)
-            emb = sscd.embed(((data.x0[used].float() + 1) / 2).numpy())
-        assign, cent = cluster_images(emb, w[used], self.n_clusters, seed=seed)
+        w[used] = wu
         dense, stats = dense_clusters(emb, w[used], assign, cent, mass_factor=self.mass_factor,
                                       min_tightness=self.min_tightness)
         members = used[np.isin(assign, dense)]

@@ -43,6 +43,7 @@ class FinetuneMitigator(Mitigator):
         if self.strength < 0:
             raise ValueError(f"{self.name}: strength must be >= 0 (0 = plain fine-tuning), got {self.strength}")
         self._ft = None
+        self.fit_seed = 0                 # fit's seed, set before hooks / transform are built
         self.fit_report: dict = {}
 
     # -- what subclasses define ------------------------------------------------------------------
@@ -51,6 +52,7 @@ class FinetuneMitigator(Mitigator):
         return PLAIN
 
     def hooks(self, model: DiffusionModel, world) -> tuple:
+        """Training hooks (``bench.train.TrainHook``); built after ``fit`` has set ``self.fit_seed``."""
         return ()
 
     def transform(self, model: DiffusionModel, world, seed: int) -> Callable[[TrainData], tuple[TrainData, dict]] | None:
@@ -69,6 +71,7 @@ class FinetuneMitigator(Mitigator):
         cfg = self.protocol()
         world = finetune_world(world_for(None, model), cfg)
         root = self.cache_dir or None
+        self.fit_seed = int(seed)
         plain = finetune(model, world, cfg, method=PLAIN, root=root)
         method = self.method() if self.strength else PLAIN
         if method == PLAIN:
