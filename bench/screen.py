@@ -298,18 +298,20 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
     ``calibration=auto`` of the organism), and measure flag rates of the held-out half and of the
     memorized prompts at each alpha. Writes ``<calibration_dir>/heldout__<model>__<detector>.json``."""
     from bench.calibration import calibrate, default_path, heldout_check, repeated_splits
-    from bench.runner import organism_promptset, world_for
+    from bench.runner import PLANTED_NOT_LEARNED, build_task
 
     s = setup(cfg, model)
     if cfg["model"].get("kind") != "organism":
         raise ScreenConfigError("calibrate-check needs the organism's labelled evaluation prompts; for another "
                                 "model run `diffmem calibrate prompts=<your non-memorized reference file>`")
-    ps = organism_promptset(world_for(cfg["model"], s.model))
+    labels = str(cfg.get("labels", "measured"))      # measured: the ground truth of these weights
+    ps = build_task({"name": "organism", "source": "organism", "labels": labels}, cfg["model"], s.model)
     bs = int(cfg.get("batch_prompts", 64))
     scores = np.concatenate([s.detector.score(s.model, ps.prompts[i:i + bs], seed=s.seed)
                              for i in tqdm(range(0, len(ps), bs), desc="calibrate-check", disable=not progress)])
     split_seed = int(cfg.get("split_seed", 0))
-    neg, pos = np.flatnonzero(ps.labels == 0), np.flatnonzero(ps.labels == 1)
+    pnl = np.array([g == PLANTED_NOT_LEARNED for g in ps.groups])
+    neg, pos = np.flatnonzero((ps.labels == 0) & ~pnl), np.flatnonzero(ps.labels == 1)
     perm = neg[np.random.default_rng(split_seed).permutation(neg.size)]
     cal_idx, held_idx = np.sort(perm[: neg.size // 2]), np.sort(perm[neg.size // 2:])
     cal = calibrate(s.model, s.detector, s.detector_id, [ps.prompts[i] for i in cal_idx], seed=s.seed,
@@ -331,7 +333,11 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
                      **{f"flag_rate_at_{a:g}": float((p_held[held_groups == g] <= a).mean()) for a in alphas}}
                  for g in dict.fromkeys(held_groups)}
     repeats = repeated_splits(scores[neg], alphas, int(cfg.get("split_repeats", 1000)), split_seed)
+    p_pnl = cal.pvalues(scores[pnl]) if pnl.any() else np.array([])
     report = {"model": s.model.name, "detector": s.detector_id, "seed": s.seed, "split_seed": split_seed,
+              "label_source": labels, "n_memorized": int(pos.size), "n_planted_not_learned": int(pnl.sum()),
+              "planted_not_learned_flag_rates": {f"flag_rate_at_{a:g}": float((p_pnl <= a).mean())
+                                                 for a in alphas} if pnl.any() else {},
               "calibration_file": str(cal_path), "alphas": rows, "repeated_splits": repeats,
               "memorized_median_p": float(np.median(p_pos)),
               "memorized_per_family": per_family, "heldout_per_group": per_group, "git": git_info()}

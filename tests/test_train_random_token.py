@@ -10,8 +10,7 @@ import torch
 
 import bench.train
 from baselines.mitigators.prompt_augment import insert_items, random_vocab_words
-from baselines.mitigators.train_augment import (RandomTokenCaptions, TrainRandomTokens, caption_seam_available,
-                                                split_weights)
+from baselines.mitigators.train_augment import (RandomTokenCaptions, TrainRandomTokens, split_weights)
 from tasks.finetune_world import finetune_config_from_dict, finetune_world, train_data
 
 TINY = {"n_mv": 2, "dup_mv": 6, "n_fg": 1, "fg_images": 3, "dup_fg": 2, "eval_fg": 2, "n_bg": 1, "bg_images": 3,
@@ -120,8 +119,6 @@ def test_conf_builds_the_fresh_default():
     assert isinstance(m, TrainRandomTokens) and m.draw == "fresh" and m.n_tokens == 1 and m.strength == 0.5
 
 
-@pytest.mark.skipif(not caption_seam_available(),
-                    reason="needs bench/train.py's per-batch caption seam (bench.train.CaptionHook)")
 def test_fresh_fine_tune_end_to_end(small_organism, tmp_path):
     """THE training loop encodes the hook's captions per batch; the build is reproducible."""
     def same(u, v):
@@ -162,8 +159,6 @@ class _SwapSpy:
         return torch.ones(x_t.shape[0], dtype=torch.bool)
 
 
-@pytest.mark.skipif(not caption_seam_available(),
-                    reason="needs bench/train.py's per-batch caption seam (bench.train.CaptionHook)")
 def test_caption_seam_contract(small_organism, small_world, tmp_path):
     """The loop encodes a hook's per-batch captions for those samples only; dropped samples stay empty."""
     import copy

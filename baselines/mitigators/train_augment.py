@@ -108,12 +108,6 @@ class RandomTokenCaptions:
                 "examples": list(self.examples)}
 
 
-def caption_seam_available() -> bool:
-    """Whether THE training loop (``bench.train.train``) takes per-batch captions from hooks."""
-    import bench.train as bt
-    return hasattr(bt, "CaptionHook")
-
-
 @dataclass
 class TrainRandomTokens(FinetuneMitigator):
     n_tokens: int = 1
@@ -162,11 +156,6 @@ class TrainRandomTokens(FinetuneMitigator):
     def hooks(self, model, world) -> tuple:
         if self.draw != "fresh":
             return ()
-        if not caption_seam_available():
-            raise NotImplementedError(
-                f"{self.name}: draw='fresh' needs THE training loop's per-batch caption seam "
-                "(bench.train.CaptionHook: hooks with a captions(step, pairs, captions) method); this "
-                "bench/train.py does not have it. Use draw='pool' (the earlier behaviour) until it lands.")
         return (RandomTokenCaptions(model.tokenizer, float(self.strength), self.n_tokens, self.fit_seed,
                                     self.protocol().train.seed),)
 
