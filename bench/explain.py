@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from bench.io import device_info, git_info, versions
+from bench.io import atomic_write_json, device_info, git_info, versions
 from bench.model import DiffusionModel
 
 DEFAULT_ROOT = "results/explain"
@@ -126,7 +126,7 @@ def run_explain(cfg: dict, *, model: DiffusionModel | None = None, progress: boo
               "unet_rows_per_prompt": sum(rows) / len(rows), **git_info(), "versions": versions(),
               "device": device_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "shard": None if shard.whole else {"spec": str(shard), "n_total": n_total, "ids": ids}}
-    (out / "explain.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    atomic_write_json(out / "explain.json", record)
     if not shard.whole:
         merge_explain_shards(whole_out, shard.count)
     return out
@@ -149,5 +149,5 @@ def merge_explain_shards(out: str | Path, count: int) -> Path | None:
     recs = [json.loads((p / "explain.json").read_text()) for p in parts]
     merged = {**recs[0], "shard": None, "n_prompts": sum(r["n_prompts"] for r in recs),
               "merged_from": [r["shard"]["spec"] for r in recs]}
-    (out / "explain.json").write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
+    atomic_write_json(out / "explain.json", merged)
     return out

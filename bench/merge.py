@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.io import RunFolder
+from bench.io import RunFolder, atomic_write_json
 from bench.shard import Shard
 
 SHARD_MARK = "__shard-"
@@ -223,9 +223,7 @@ def merge_shards(paths: list[str | Path]) -> dict:
     shas = sorted({s.manifest.get("git_sha") for s in shards})
     if len(shas) > 1:
         manifest["git_sha_shards"] = shas
-    tmp = target / f"manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    tmp.replace(target / "manifest.json")
+    atomic_write_json(target / "manifest.json", manifest)
     metrics = result_fn(run.read_rows(), list(order), shards[0].config, manifest)
     run.write_metrics(metrics)
     return metrics

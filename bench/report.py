@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.io import git_info
+from bench.io import atomic_write_text, git_info
 
 # (section title, file-name prefixes); first match wins, unmatched plots go to "Other plots"
 PLOT_SECTIONS = (
@@ -176,7 +176,7 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
            f"runs were measured at git {', '.join(f'<code>{_esc(s)}</code>' for s in run_shas) or '-'}. "
            f"Every number is rebuilt from run folders; rebuild with <code>make report</code>.</p>"
            f"<nav>{nav}</nav>{body}</body></html>\n")
-    page.write_text(doc, encoding="utf-8")
+    atomic_write_text(page, doc)
     return page
 
 

@@ -222,9 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench.model import weights_sha256
 
     m = manifest(df, thr, world, weights_sha256(model), time.perf_counter() - t0, summ)
-    tmp = Path(model.path) / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(m, indent=2, default=str))
-    tmp.replace(Path(model.path) / MANIFEST)
+    from bench.io import atomic_write_json
+    atomic_write_json(Path(model.path) / MANIFEST, m, sort_keys=False)
     print(summ.to_string(index=False))
 
 
