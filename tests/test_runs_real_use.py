@@ -103,12 +103,12 @@ def test_smoke_runs_are_marked_partial_and_listed_apart(tmp_path, small_organism
 
 # ---------------------------------------------------------------------- 3. overridden configurations
 def test_an_overridden_detector_gets_an_id_showing_the_difference(tmp_path, small_organism):
-    from bench.runner import config_id
-
     plain = run_detect(small(tmp_path), model=small_organism, progress=False)
     over = run_detect(small(tmp_path, "detector.guidance=5"), model=small_organism, progress=False)
     assert plain["detector"] == "nm_n1_k1" and over["detector"] == "nm_n1_k1[guidance=5]"
     assert "__nm_n1_k1[guidance=5]__" in over["run"] and over["run"] != plain["run"]
+    from bench.runner import config_id
+
     det = cfg_for(tmp_path, "detector=nm_n1_k1")["detector"]
     assert config_id("detector", {**det, "guidance": float("nan"), "n_gen": 4}) == "nm_n1_k1[guidance=nan,n_gen=4]"
     assert config_id("detector", {**det, "guidance": 7.5}) == "nm_n1_k1"     # the registered value
@@ -133,14 +133,13 @@ def hold(lock_file: Path) -> subprocess.Popen:
 
 def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_holder(tmp_path, small_organism,
                                                                                      world_prompts, capsys):
-    from bench.io import EXIT_LOCKED, RunLockedError
     from bench.screen import cli
 
     m = run_detect(small(tmp_path), model=small_organism, progress=False)
     run = tmp_path / "runs" / m["run"]
     p = hold(run / ".lock")
     try:
-        with pytest.raises(RunLockedError, match=rf"run folder {re.escape(str(run))} is in use .*pid {p.pid}"):
+        with pytest.raises(RuntimeError, match=rf"run folder {re.escape(str(run))} is in use .*pid {p.pid}"):
             run_detect(small(tmp_path, "rerun=true"), model=small_organism, progress=False)
         assert (run / "metrics.json").is_file()                   # the rerun did not reset the holder's run
     finally:
@@ -155,7 +154,7 @@ def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_hol
     try:
         with pytest.raises(SystemExit) as e:
             cli("screen", c)
-        assert e.value.code == EXIT_LOCKED and not out.exists()
+        assert e.value.code == 7 and not out.exists()                # bench.io.EXIT_LOCKED
         assert f"pid {p.pid}" in capsys.readouterr().err
     finally:
         p.communicate("")
@@ -197,7 +196,6 @@ def full_disk(monkeypatch, match: str) -> None:
 
 def test_a_full_disk_leaves_manifests_leaderboards_and_reports_intact(tmp_path, small_organism, world_prompts,
                                                                       monkeypatch):
-    from bench.io import RunFolder, atomic_to_csv, atomic_write_text
     from bench.screen import run_screen
 
     f = tmp_path / "mine.jsonl"
@@ -212,6 +210,8 @@ def test_a_full_disk_leaves_manifests_leaderboards_and_reports_intact(tmp_path, 
     assert res.manifest.read_bytes() == before                      # the old manifest, not 0 bytes
     assert sorted(p.name for p in res.manifest.parent.iterdir() if ".tmp" in p.name) == []
     assert run_screen(c, model=small_organism, progress=False).n_scored == 4   # resume is not blocked
+
+    from bench.io import RunFolder, atomic_to_csv, atomic_write_text
 
     run = RunFolder(tmp_path / "runs", "detect", "t", "m", "d", {"a": 1})
     run.write_manifest(note="old")
@@ -260,7 +260,6 @@ def corrupt(kind: str, lines: list[bytes]) -> tuple[list[bytes], int, int]:
 @pytest.mark.parametrize("kind", ["garbage", "duplicate", "non_numeric_score", "non_utf8", "cut_off"])
 def test_a_corrupted_row_is_named_and_only_it_is_rescored(kind, how, tmp_path, small_organism, monkeypatch, capsys):
     from bench.cli import main
-    from bench.rows import CorruptRowsError
 
     ref = run_detect(small(tmp_path), model=small_organism, progress=False)
     run = tmp_path / "runs" / ref["run"]
@@ -268,7 +267,7 @@ def test_a_corrupted_row_is_named_and_only_it_is_rescored(kind, how, tmp_path, s
     lines, n_bad, rescore = corrupt(kind, (run / "per_prompt.csv").read_bytes().splitlines(keepends=True))
     (run / "per_prompt.csv").write_bytes(b"".join(lines))
     where = re.escape(str(run / "per_prompt.csv"))
-    with pytest.raises(CorruptRowsError, match=rf"{where}: {n_bad} bad row\(s\): line (3|4): .*repair=true"):
+    with pytest.raises(ValueError, match=rf"{where}: {n_bad} bad row\(s\): line (3|4): .*repair=true"):
         run_detect(small(tmp_path), model=small_organism, progress=False)
     calls = no_scoring(monkeypatch)
     if how == "repair=true":
