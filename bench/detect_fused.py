@@ -123,7 +123,7 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
     model = model or build_model(cfg["model"])
     load_seconds = time.perf_counter() - t_load
     weights = weights_sha256(model)             # once for every configuration: keys their run folders
-    ps = build_task(cfg["task"], cfg["model"], model)
+    ps = build_task(cfg["task"], cfg["model"], model, weights)
     seed = int(cfg.get("seed", 0))
     dets = [instantiate(c["detector"]) for c in cfgs]
     ids = [config_id("detector", c["detector"]) or d.name for c, d in zip(cfgs, dets)]

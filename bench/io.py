@@ -287,6 +287,13 @@ DETECT_COLUMNS = ["task", "model", "detector", "params", "n_gen", "steps", "auc"
                   "timing", "git_sha", "run", "partial", "partial_reason"]
 
 
+def is_partial(df: pd.DataFrame) -> pd.Series:
+    """Leaderboard rows of runs on a subset of their task (``partial``: smoke runs, ``task.max_per_group=k``)."""
+    if "partial" not in df:
+        return pd.Series(False, index=df.index)
+    return df["partial"].astype(str).str.lower().isin(("true", "1", "1.0"))
+
+
 def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "detect") -> pd.DataFrame:
     """Collect ``metrics.json`` of every complete run of ``kind`` into one sorted CSV.
 

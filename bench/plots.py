@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.io import DETECT_COLUMNS, atomic_to_csv, atomic_write_text, rebuild_leaderboard
+from bench.io import DETECT_COLUMNS, atomic_to_csv, atomic_write_text, is_partial, rebuild_leaderboard
 from bench.metrics import roc_curve
 
 FAMILIES = ("MV", "RV", "TV", "FG", "BG")
@@ -243,13 +243,6 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _fused(r) -> bool:
     return str(r.get("timing", "")).startswith("apportioned")
-
-
-def is_partial(df: pd.DataFrame) -> pd.Series:
-    """Rows of runs on a subset of their task (``partial``: smoke runs, ``task.max_per_group=k``)."""
-    if "partial" not in df:
-        return pd.Series(False, index=df.index)
-    return df["partial"].astype(str).str.lower().isin(("true", "1", "1.0"))
 
 
 def partial_section(df: pd.DataFrame) -> list[str]:

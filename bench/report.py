@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.io import atomic_write_text, git_info
+from bench.io import atomic_write_text, git_info, is_partial
 
 # (section title, file-name prefixes); first match wins, unmatched plots go to "Other plots"
 PLOT_SECTIONS = (
@@ -79,7 +79,11 @@ def leaderboard_sections(results: Path) -> list[Section]:
     out = []
     for csv in sorted(results.glob("*_leaderboard.csv")):
         df = _read_csv(csv)
-        body = _table(df) if len(df) else "<p>(no complete runs yet)</p>"
+        part = is_partial(df)
+        body = _table(df[~part]) if (~part).any() else "<p>(no complete runs yet)</p>"
+        if part.any():              # smoke runs on a subset of their task: apart, never headline rows
+            body += ("<h3>Partial runs (not benchmark results)</h3><p class=meta>runs on a subset of their task "
+                     "(see partial_reason); not comparable with the table above.</p>" + _table(df[part]))
         out.append(Section(f"Leaderboard: {csv.stem.removesuffix('_leaderboard')}",
                            f"<p class=meta>{_esc(csv.name)}: {len(df)} rows, rebuilt from run folders.</p>{body}"))
     return out

@@ -126,7 +126,8 @@ def label_source(tcfg: dict) -> str:
     return src
 
 
-def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSet:
+def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None, weights: str | None = None) -> PromptSet:
+    """The task's prompt set (``weights``: the model's sha256 when computed already, for measured labels)."""
     if tcfg["source"] == "organism":
         world = world_for(mcfg, model)
         measured = None
@@ -134,7 +135,7 @@ def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSe
             from tasks.groundtruth import measured_labels
             if model is None:
                 raise ValueError("measured labels need the loaded model (its ground truth is keyed by its weights)")
-            measured = measured_labels(model, world)
+            measured = measured_labels(model, world, weights)
         ps = organism_promptset(world, measured)
     else:
         from tasks.promptsets import load_task
@@ -241,7 +242,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
         compile_unet(model)
     load_seconds = time.perf_counter() - t_load
     weights = weights_sha256(model)              # once per run: keys the run folder
-    ps_all = build_task(cfg["task"], cfg["model"], model)
+    ps_all = build_task(cfg["task"], cfg["model"], model, weights)
     ps = ps_all if shard.whole else subset(ps_all, shard.select(len(ps_all)),
                                            f"{ps_all.name}_shard{shard.index}of{shard.count}")
     det = instantiate(cfg["detector"])

@@ -164,11 +164,12 @@ def manifest(df: pd.DataFrame, thr: dict, world, weights: str, seconds: float, s
             "seconds": seconds, "summary": summ.to_dict(orient="records"), "labels": labels}
 
 
-def measured_labels(model, world) -> dict[str, bool]:
+def measured_labels(model, world, weights: str | None = None) -> dict[str, bool]:
     """Per evaluation-prompt id: does it reproduce its training image on *these* weights?
 
     Read from ``<model folder>/groundtruth.json``; refused (``GroundTruthError``) when the file is
     missing, predates per-prompt labels, or was measured on another world or other weights.
+    ``weights``: the model's ``weights_sha256`` when the caller has computed it already.
     """
     from bench.model import weights_sha256
 
@@ -183,7 +184,7 @@ def measured_labels(model, world) -> dict[str, bool]:
     if d.get("memworld_sha256") != world.sha256:
         raise GroundTruthError(f"{f} was measured on another world (memworld sha256 "
                                f"{str(d.get('memworld_sha256'))[:12]} != {world.sha256[:12]}): {hint}")
-    w = weights_sha256(model)
+    w = weights or weights_sha256(model)
     if d["weights_sha256"] != w:
         raise GroundTruthError(f"{f} was measured on other weights (sha256 {d['weights_sha256'][:12]} != "
                                f"{w[:12]} of the loaded model): {hint}")
