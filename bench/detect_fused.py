@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from baselines.detectors.generation_density import GenerationDensity
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.io import RunFolder, rebuild_leaderboard
+from bench.io import RunFolder, rebuild_leaderboard, releases_locks
 from bench.model import weights_sha256
 from bench.runner import (build_model, build_task, config_id, detect_result, detect_row, detect_run_config,
                           instantiate, labels_protocol, partial_fields)
@@ -105,6 +105,7 @@ def _rows_of(det, n_prompts: int = 1) -> int:
     return 2 * det.n_gen * k * n_prompts
 
 
+@releases_locks
 def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> list[dict]:
     """``run_detect`` for several detector configurations at once (same task, model, seed)."""
     if not cfgs:

@@ -15,6 +15,7 @@ folders never become leaderboard rows.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -114,7 +115,8 @@ def acquire_lock(lock_file: str | Path, what: str) -> Path:
     """Take the exclusive lock ``lock_file`` (``filelock``, non-blocking) for ``what`` (a run folder or an
     output file), writing this process's pid beside it (``<lock_file>.pid``). Raises ``RunLockedError``
     naming the holder's pid when another process holds it. Taken again by the process that holds it,
-    it is a no-op. The OS releases the lock when its process ends (a kill included)."""
+    it is a no-op. Runners release it when done (``releases_locks``); the OS releases it when its process
+    ends (a kill included)."""
     from filelock import FileLock, Timeout
 
     lock_file = Path(lock_file)
@@ -135,6 +137,20 @@ def acquire_lock(lock_file: str | Path, what: str) -> Path:
     pid_file.write_text(f"{os.getpid()}\n")
     _HELD[key] = (os.getpid(), lock)
     return lock_file
+
+
+def releases_locks(fn):
+    """Decorator of a runner: every lock it took (``acquire_lock``) is released when it returns or raises,
+    so a failed run in a long-lived process (a notebook, a joblib worker) does not keep its run folder."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                release_lock(key)
+    return wrapper
 
 
 def release_lock(lock_file: str | Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from baselines.mitigators.base import GenSpec
-from bench.io import RunFolder, config_hash
+from bench.io import RunFolder, config_hash, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
 from bench.runner import build_model, config_id, instantiate, model_key, world_for
 from bench.shard import Shard
@@ -48,6 +48,7 @@ def _strengths(mcfg: dict) -> list[float]:
     return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
 
 
+@releases_locks
 def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     t0 = time.perf_counter()

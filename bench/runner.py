@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.io import RunFolder, rebuild_leaderboard
+from bench.io import RunFolder, rebuild_leaderboard, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
 from bench.metrics import detection_metrics, roc_auc
 from bench.model import DiffusionModel, load_model, weights_sha256
@@ -227,6 +227,7 @@ def detect_row(ps: PromptSet, i: int, score: float, seconds: float, unet_evals: 
             "label_planted": int(planted[i]) if planted is not None else int(ps.labels[i])}
 
 
+@releases_locks
 def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool = True) -> dict:
     """Score ``cfg['task']`` with ``cfg['detector']`` on ``cfg['model']``; returns metrics.
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from baselines.mitigators.base import GenSpec
-from bench.io import RunFolder, atomic_write_json, config_hash
+from bench.io import RunFolder, atomic_write_json, config_hash, releases_locks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -71,6 +71,7 @@ def strengths(mcfg: dict) -> list[float]:
     return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
 
 
+@releases_locks
 def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     """One training-time mitigator over its strengths; one run folder per strength."""
     from bench.mitigate import aggregate, check_rows, generate_and_measure, resume_batches

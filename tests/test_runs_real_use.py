@@ -132,7 +132,8 @@ def hold(lock_file: Path) -> subprocess.Popen:
 
 
 def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_holder(tmp_path, small_organism,
-                                                                                     world_prompts, capsys):
+                                                                                     world_prompts, capsys,
+                                                                                     monkeypatch):
     from bench.screen import cli
 
     m = run_detect(small(tmp_path), model=small_organism, progress=False)
@@ -145,6 +146,14 @@ def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_hol
     finally:
         p.communicate("")
     run_detect(small(tmp_path, "rerun=true"), model=small_organism, progress=False)   # released: runs
+    def killed(self, model, prompts, *, seed):
+        raise KeyboardInterrupt("simulated kill")
+
+    with monkeypatch.context() as mp:                               # a run that fails releases its lock
+        mp.setattr(NoiseMagnitude, "score", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_detect(small(tmp_path, "rerun=true"), model=small_organism, progress=False)
+    hold(run / ".lock").communicate("")
 
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"prompt": x}) + "\n" for x in world_prompts[0][:4]))
