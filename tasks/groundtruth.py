@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from bench.embed import cn_rmse, cosine_matrix, get_embedder
+from bench.io import atomic_to_csv, atomic_write_json, atomic_write_text
 from bench.sampling import sample
 
 FLOOR = 0.025
@@ -216,14 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     summ = summarize(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
-    summ.to_csv(out / f"{stem}_summary.csv", index=False, float_format="%.3f")
-    (out / f"{stem}_summary.md").write_text(summ.to_markdown(index=False, floatfmt=".3f")
-                                                         if _has_tabulate() else summ.to_string(index=False))
+    atomic_to_csv(df, out / f"{stem}.csv", index=False, float_format="%.4f")
+    atomic_to_csv(summ, out / f"{stem}_summary.csv", index=False, float_format="%.3f")
+    atomic_write_text(out / f"{stem}_summary.md", summ.to_markdown(index=False, floatfmt=".3f")
+                      if _has_tabulate() else summ.to_string(index=False))
     from bench.model import weights_sha256
 
     m = manifest(df, thr, world, weights_sha256(model), time.perf_counter() - t0, summ)
-    from bench.io import atomic_write_json
     atomic_write_json(Path(model.path) / MANIFEST, m, sort_keys=False)
     print(summ.to_string(index=False))
 
