@@ -185,12 +185,16 @@ def config_id(group: str, ccfg: dict, conf_dir: str | Path | None = None) -> str
     f = Path(conf_dir or Path(__file__).resolve().parents[1] / "conf") / group / f"{cid}.yaml"
     if not cid or not f.is_file():
         return cid
-    reg = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+    reg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+    skipped = {k for k, v in reg.items() if isinstance(v, str) and "${" in v}   # interpolations: resolved elsewhere
+    reg = {k: v for k, v in reg.items() if k not in skipped}
 
     def fmt(v) -> str:
-        return f"{v:g}" if isinstance(v, float) else "null" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        if isinstance(v, float):
+            return f"{v:g}"
+        return "null" if v is None else json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
 
-    diff = [f"{k}={fmt(ccfg.get(k))}" for k in sorted(set(reg) | set(ccfg))
+    diff = [f"{k}={fmt(ccfg.get(k))}" for k in sorted(set(reg) | (set(ccfg) - set(skipped)))
             if k not in SWEPT and (k not in ccfg or k not in reg or _differs(reg[k], ccfg[k]))]
     return f"{cid}[{','.join(diff)}]" if diff else cid
 
