@@ -4,7 +4,14 @@ A run folder ``results/runs/<task>__<model>__<method>__<hash>/`` holds ``config.
 ``manifest.json`` (git sha, versions, device, seeds, data hashes, schema version, start/end),
 ``per_prompt.csv`` (appended batch by batch, so an interrupted run resumes where it stopped) and,
 once complete, ``metrics.json``. The folder name is a function of the config, so starting the same
-configuration again finds and resumes it. Leaderboards are rebuilt from run folders only.
+configuration again finds and resumes it; the config holds the prompt set's and the weights' sha256,
+never a path (``bench.runner.model_key``), so a clone resumes the same runs and new weights start new
+ones. Leaderboards are rebuilt from run folders only.
+
+Real use: a runner holds the folder's exclusive lock (``RunFolder.lock``, ``filelock``; a second
+process stops at once with ``RunLockedError`` naming the holder's pid); manifests, metrics and
+leaderboards are written atomically (``atomic_write_text``: temporary file, then ``os.replace``);
+``per_prompt.csv`` rows are validated on resume, and ``repair`` moves bad ones aside (bench/rows.py).
 
 A shard (``shard=i/n``, bench/shard.py) runs in ``<name>__shard-<i>of<n>/``: the same config.json and
 hash as the whole run, its block of prompts in per_prompt.csv, the shard and its prompt ids in the
