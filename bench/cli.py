@@ -54,14 +54,11 @@ def _hydra(config_name: str, fn, argv: list[str]) -> None:
 EXIT_NO_GROUNDTRUTH = 3   # the organism's weights have no measured ground truth (run `make groundtruth`)
 
 
-EXIT_BAD_ROWS = 6         # per_prompt.csv holds bad rows (repair=true or `diffmem repair RUN_FOLDER`)
-
-
 def _guarded(command: str, fn):
     """Run ``fn(cfg)``; a locked run folder (another process runs it: EXIT_LOCKED) or bad per-prompt rows
     (EXIT_BAD_ROWS) print one clear message and exit with their code."""
     from bench.io import EXIT_LOCKED, RunLockedError
-    from bench.rows import CorruptRowsError
+    from bench.rows import EXIT_BAD_ROWS, CorruptRowsError
 
     def run(cfg: dict) -> None:
         try:
