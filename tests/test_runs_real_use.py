@@ -291,3 +291,24 @@ def test_a_corrupted_row_is_named_and_only_it_is_rescored(kind, how, tmp_path, s
     df = pd.read_csv(run / "per_prompt.csv", dtype={"id": str}).set_index("id").loc[good["id"]]
     np.testing.assert_allclose(df["score"], good["score"], rtol=1e-5)   # batch composition: float rounding
     assert m["auc"] == ref["auc"] and m["n_pos"] + m["n_neg"] == len(good)
+
+
+def test_cli_exits_with_one_message_for_bad_rows_and_for_a_locked_run(tmp_path, small_organism, capsys):
+    from bench.cli import main
+
+    args = ["detect", "model=organism_small", "task.labels=planted", "task.max_per_group=1", "detector=nm_n1_k1",
+            f"runs_dir={tmp_path}/runs", "leaderboard=null", "hardware.threads=1"]
+    m = run_detect(small(tmp_path), model=small_organism, progress=False)
+    f = tmp_path / "runs" / m["run"] / "per_prompt.csv"
+    f.write_bytes(f.read_bytes() + b"garbage\r\n")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 8 and f"{f}: 1 bad row(s): line " in err and "Traceback" not in err
+    p = hold(f.parent / ".lock")
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 7 and f"pid {p.pid}" in capsys.readouterr().err
+    finally:
+        p.communicate("")
