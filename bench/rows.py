@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-NUMERIC = ("score", "seed", "label", "seconds", "unet_evals")
+NUMERIC = ("score", "seed", "label", "label_planted", "seconds", "unet_evals")
 EXIT_BAD_ROWS = 8            # exit code of a command refused for bad rows (bench/cli.py)
 REJECTED = "per_prompt.rejected.csv"
 REPAIR_HINT = ("run the same command again with repair=true, or `diffmem repair {folder}`: the bad rows move to "
