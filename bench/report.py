@@ -139,8 +139,9 @@ def manifest_rows(results: Path) -> pd.DataFrame:
         cfg_f = f.parent / "config.json"
         cfg = json.loads(cfg_f.read_text()) if cfg_f.is_file() else {}
         ps = m.get("prompt_set") or {}
-        method = next((cfg[k].get("id") for k in ("detector", "mitigator", "explainer")
-                       if isinstance(cfg.get(k), dict)), None)
+        rf = m.get("result_fields") or {}            # the run's id: an overridden config shows its difference
+        method = rf.get("detector") or rf.get("mitigator") or next(
+            (cfg[k].get("id") for k in ("detector", "mitigator", "explainer") if isinstance(cfg.get(k), dict)), None)
         task = cfg.get("task")
         rows.append({"run": m.get("run", f.parent.name), "kind": m.get("kind"),
                      "task": task.get("name") if isinstance(task, dict) else task,
