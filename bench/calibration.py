@@ -27,6 +27,7 @@ compared instead, which is stricter than the fingerprint alone (same architectur
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -166,12 +167,8 @@ class Calibration:
         return {**asdict(self), "key": self.key, "n": self.n, "content_sha256": self.content_sha256}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
-        tmp.replace(path)
-        return path
+        from bench.io import atomic_write_json
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
@@ -218,7 +215,7 @@ def resolve(spec: str | None, calibration_dir: str | Path, model_name: str, dete
     path = default_path(calibration_dir, model_name, detector_id, key)
     if path.is_file():
         return path
-    others = sorted(p.name for p in Path(calibration_dir).glob(f"{model_name}__{detector_id}__*.json"))
+    others = sorted(p.name for p in Path(calibration_dir).glob(f"{glob.escape(model_name)}__{glob.escape(detector_id)}__*.json"))
     hint = (f" Calibrations of other configurations of {model_name}/{detector_id} exist: {others}"
             " (another seed, detector parameters or weights)." if others else "")
     raise CalibrationError(

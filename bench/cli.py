@@ -27,6 +27,9 @@ commands:
                 (Hydra overrides, e.g. mitigator=rta; -m mitigator=none,rta,gni sweeps)
   leaderboard   rebuild results/*_leaderboard.csv and plots from results/runs
   speed         detection speed vs its cost floor -> results/speed.csv (python -m bench.speed --help)
+  repair        move the bad rows of a run folder's per_prompt.csv (garbage, duplicates, non-numeric scores,
+                non-UTF-8 bytes) to per_prompt.rejected.csv; the next run rescores them [RUN_FOLDER...]
+                (or add repair=true to the detect / mitigate command)
   merge         merge complete shard sets (runs with shard=i/n) into whole runs [RUNS_DIR | SHARD_DIR...]
   organism      build (train) the memorization organism
   groundtruth   measure which organism prompts reproduce training images (writes its manifest)
@@ -51,12 +54,30 @@ def _hydra(config_name: str, fn, argv: list[str]) -> None:
 EXIT_NO_GROUNDTRUTH = 3   # the organism's weights have no measured ground truth (run `make groundtruth`)
 
 
+def _guarded(command: str, fn):
+    """Run ``fn(cfg)``; a locked run folder (another process runs it: EXIT_LOCKED) or bad per-prompt rows
+    (EXIT_BAD_ROWS) print one clear message and exit with their code."""
+    from bench.io import EXIT_LOCKED, RunLockedError
+    from bench.rows import EXIT_BAD_ROWS, CorruptRowsError
+
+    def run(cfg: dict) -> None:
+        try:
+            fn(cfg)
+        except RunLockedError as e:
+            print(f"diffmem {command}: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_LOCKED) from None
+        except CorruptRowsError as e:
+            print(f"diffmem {command}: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_ROWS) from None
+    return run
+
+
 def _detect(cfg: dict) -> None:
     from bench.runner import run_detect
     from tasks.groundtruth import GroundTruthError
 
     try:
-        run_detect(cfg)
+        _guarded("detect", run_detect)(cfg)
     except GroundTruthError as e:
         print(f"diffmem detect: {e}", file=sys.stderr)
         raise SystemExit(EXIT_NO_GROUNDTRUTH) from None
@@ -79,12 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         report_main(rest)
     elif cmd == "detect-fused":
         from bench.detect_fused import main as fused_main
-        fused_main(rest)
+        _guarded("detect-fused", fused_main)(rest)
     elif cmd == "detect":
         _hydra("detect", _detect, rest)
     elif cmd == "mitigate":
         from bench.mitigate import run_mitigate
-        _hydra("mitigate", run_mitigate, rest)
+        _hydra("mitigate", _guarded("mitigate", run_mitigate), rest)
     elif cmd == "speed":
         from bench.speed import main as speed_main
         speed_main(rest)
@@ -93,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         from bench.plots import rebuild_all
         rebuild_all(*(rest[:1] or ["results"]))
         rebuild_mitigate(*(rest[:1] or ["results"]))
+    elif cmd == "repair":
+        from bench.rows import main as repair_main
+        repair_main(rest)
     elif cmd == "merge":
         from bench.merge import main as merge_main
         merge_main(rest)

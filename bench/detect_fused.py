@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from baselines.detectors.generation_density import GenerationDensity
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.io import RunFolder, rebuild_leaderboard
-from bench.runner import (build_model, build_task, detect_result, detect_row, detect_run_config, instantiate,
-                          labels_protocol)
+from bench.io import RunFolder, rebuild_leaderboard, releases_locks
+from bench.model import weights_sha256
+from bench.runner import (build_model, build_task, config_id, detect_result, detect_row, detect_run_config,
+                          instantiate, labels_protocol, partial_fields)
 from bench.sampling import StepInfo, sample
 
 TIMING = ("apportioned from a fused pass: pass sampling seconds x (this configuration's UNet rows / the pass's "
@@ -104,6 +105,7 @@ def _rows_of(det, n_prompts: int = 1) -> int:
     return 2 * det.n_gen * k * n_prompts
 
 
+@releases_locks
 def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> list[dict]:
     """``run_detect`` for several detector configurations at once (same task, model, seed)."""
     if not cfgs:
@@ -121,26 +123,29 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
     t_load = time.perf_counter()
     model = model or build_model(cfg["model"])
     load_seconds = time.perf_counter() - t_load
-    ps = build_task(cfg["task"], cfg["model"], model)
+    weights = weights_sha256(model)             # once for every configuration: keys their run folders
+    ps = build_task(cfg["task"], cfg["model"], model, weights)
     seed = int(cfg.get("seed", 0))
     dets = [instantiate(c["detector"]) for c in cfgs]
-    ids = [c["detector"].get("id") or d.name for c, d in zip(cfgs, dets)]
+    ids = [config_id("detector", c["detector"]) or d.name for c, d in zip(cfgs, dets)]
     runs = []
     for c, d, det_id in zip(cfgs, dets, ids):
-        run_cfg = detect_run_config(c, ps.sha256, model)
-        run = RunFolder(c.get("runs_dir", "results/runs"), "detect", c["task"]["name"], model.name, det_id, run_cfg)
+        run_cfg = detect_run_config(c, ps.sha256, model, weights)
+        run = RunFolder(c.get("runs_dir", "results/runs"), "detect", c["task"]["name"], model.name, det_id,
+                        run_cfg).lock()
         if c.get("rerun") and run.complete:
             run.reset()
         result_fields = {"kind": "detect", "task": c["task"]["name"], "model": model.name, "detector": det_id,
                          "params": json.dumps(d.params(), sort_keys=True, default=str),
                          "n_gen": d.n_gen, "steps": d.steps, "timing": "apportioned (fused pass)",
-                         **labels_protocol(ps)}
+                         **labels_protocol(ps), **partial_fields(ps)}
         run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps.name, "sha256": ps.sha256, "n": len(ps),
-                           "sources": list(ps.sources)}, model=model.fingerprint(), params=d.params(),
-                           model_load_seconds=load_seconds, result_fields=result_fields, base_run=run.base_name,
-                           shard=None, fused_with=ids, timing=TIMING, finished=None)
+                           "sources": list(ps.sources)}, model=model.fingerprint(), model_weights_sha256=weights,
+                           params=d.params(), model_load_seconds=load_seconds, result_fields=result_fields,
+                           **partial_fields(ps), base_run=run.base_name, shard=None, fused_with=ids, timing=TIMING,
+                           finished=None)
         runs.append((run, run_cfg))
-    done = [run.done_ids() for run, _ in runs]
+    done = [run.done_ids(repair=bool(cfg.get("repair"))) for run, _ in runs]
     todo = [i for i, pid in enumerate(ps.ids) if any(pid not in d for d in done)]
     bs = int(cfg.get("batch_prompts", 64))
     bar = tqdm(total=len(ps), initial=len(ps) - len(todo), desc=f"detect fused x{len(dets)}", disable=not progress)
@@ -167,6 +172,7 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
         metrics = detect_result(run.read_rows(), ps.ids, run_cfg, run.manifest())
         run.write_metrics(metrics)
         run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.release()
         out.append(metrics)
     if cfg.get("leaderboard"):
         rebuild_leaderboard(runs[0][0].path.parent, cfg["leaderboard"], "detect")

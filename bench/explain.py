@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from bench.io import device_info, git_info, versions
+from bench.io import atomic_to_csv, atomic_write_json, device_info, git_info, versions
 from bench.model import DiffusionModel
 
 DEFAULT_ROOT = "results/explain"
@@ -118,15 +118,15 @@ def run_explain(cfg: dict, *, model: DiffusionModel | None = None, progress: boo
         token_bar_plot(res, out / "plots" / f"{slug(pid)}.png", title=f"{pid}: {prompt}")
     df = pd.concat(frames, ignore_index=True)
     lead = ["prompt_id", "prompt"]
-    df[lead + [c for c in df.columns if c not in lead]].to_csv(out / "scores.csv", index=False,
-                                                                 float_format="%.6g")
+    atomic_to_csv(df[lead + [c for c in df.columns if c not in lead]], out / "scores.csv", index=False,
+                  float_format="%.6g")
     record = {"kind": "explain", "explainer": cfg["explainer"], "params": explainer.params(), "seed": seed,
               "source": source, "n_prompts": len(prompts), "model": model.fingerprint(),
               "model_load_seconds": load_seconds, "seconds_per_prompt": sum(seconds) / len(seconds),
               "unet_rows_per_prompt": sum(rows) / len(rows), **git_info(), "versions": versions(),
               "device": device_info(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "shard": None if shard.whole else {"spec": str(shard), "n_total": n_total, "ids": ids}}
-    (out / "explain.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    atomic_write_json(out / "explain.json", record)
     if not shard.whole:
         merge_explain_shards(whole_out, shard.count)
     return out
@@ -141,7 +141,7 @@ def merge_explain_shards(out: str | Path, count: int) -> Path | None:
         return None
     df = pd.concat([pd.read_csv(p / "scores.csv", keep_default_na=False, dtype={"prompt_id": str}) for p in parts],
                    ignore_index=True)
-    df.to_csv(out / "scores.csv", index=False, float_format="%.6g")
+    atomic_to_csv(df, out / "scores.csv", index=False, float_format="%.6g")
     for p in parts:
         for png in (p / "plots").glob("*.png"):
             (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -149,5 +149,5 @@ def merge_explain_shards(out: str | Path, count: int) -> Path | None:
     recs = [json.loads((p / "explain.json").read_text()) for p in parts]
     merged = {**recs[0], "shard": None, "n_prompts": sum(r["n_prompts"] for r in recs),
               "merged_from": [r["shard"]["spec"] for r in recs]}
-    (out / "explain.json").write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
+    atomic_write_json(out / "explain.json", merged)
     return out

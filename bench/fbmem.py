@@ -48,7 +48,6 @@ configuration, a few minutes on 2 cores) and ``check_world`` refuses thresholds 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -380,11 +379,9 @@ def thresholds_for(world, cfg: FBMemConfig = FBMemConfig(), *, store_dir: str | 
         print(f"[diffmem] FB-Mem thresholds for world {world.sha256[:12]}: calibrating on its training images "
               f"(once per world; written to {f})", flush=True)
     thr, diag = calibrate_thresholds(world, cfg, quantile)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"world_sha256": world.sha256, "calibration": key, "thresholds": asdict(thr),
-                               "diagnostics": diag}, indent=2))
-    tmp.replace(f)
+    from bench.io import atomic_write_json
+    atomic_write_json(f, {"world_sha256": world.sha256, "calibration": key, "thresholds": asdict(thr),
+                          "diagnostics": diag}, sort_keys=False)
     return thr
 
 

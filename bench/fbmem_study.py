@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.io import atomic_to_csv, atomic_write_text
 from bench.plots import _figure, _save, _slug
 
 FAMILIES = ("MV", "FG", "BG")
@@ -132,8 +133,8 @@ def rebuild_fbmem_study(results_dir: str | Path = "results") -> list[Path]:
     runs = results / "runs"
     df = fbmem_study(runs) if runs.is_dir() else pd.DataFrame(columns=COLUMNS)
     csv, md = results / "fbmem_study.csv", results / "fbmem_study.md"
-    df.to_csv(csv, index=False, float_format="%.6g")
-    md.write_text(markdown(df), encoding="utf-8")
+    atomic_to_csv(df, csv, index=False, float_format="%.6g")
+    atomic_write_text(md, markdown(df))
     out = [csv, md]
     plots = results / "plots"
     keep = []

@@ -4,7 +4,14 @@ A run folder ``results/runs/<task>__<model>__<method>__<hash>/`` holds ``config.
 ``manifest.json`` (git sha, versions, device, seeds, data hashes, schema version, start/end),
 ``per_prompt.csv`` (appended batch by batch, so an interrupted run resumes where it stopped) and,
 once complete, ``metrics.json``. The folder name is a function of the config, so starting the same
-configuration again finds and resumes it. Leaderboards are rebuilt from run folders only.
+configuration again finds and resumes it; the config holds the prompt set's and the weights' sha256,
+never a path (``bench.runner.model_key``), so a clone resumes the same runs and new weights start new
+ones. Leaderboards are rebuilt from run folders only.
+
+Real use: a runner holds the folder's exclusive lock (``RunFolder.lock``, ``filelock``; a second
+process stops at once with ``RunLockedError`` naming the holder's pid); manifests, metrics and
+leaderboards are written atomically (``atomic_write_text``: temporary file, then ``os.replace``);
+``per_prompt.csv`` rows are validated on resume, and ``repair`` moves bad ones aside (bench/rows.py).
 
 A shard (``shard=i/n``, bench/shard.py) runs in ``<name>__shard-<i>of<n>/``: the same config.json and
 hash as the whole run, its block of prompts in per_prompt.csv, the shard and its prompt ids in the
@@ -15,6 +22,7 @@ folders never become leaderboard rows.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.rows import refuse_bad_rows, repair_rows
 from bench.shard import Shard
 
 SCHEMA_VERSION = 1
@@ -70,6 +79,96 @@ def device_info() -> dict:
     return d
 
 
+# ---------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder (named per process,
+    so concurrent writers never share one), flushed and fsynced, then ``os.replace``. A failure (a full
+    disk, a kill) leaves the old file intact and no partial or 0-byte file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding=encoding, newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj, indent: int = 2, sort_keys: bool = True) -> Path:
+    """``atomic_write_text`` of ``obj`` as JSON (``default=str``)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str))
+
+
+def atomic_to_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs) -> Path:
+    """``df.to_csv(path, **kwargs)``, written atomically (``atomic_write_text``)."""
+    return atomic_write_text(path, df.to_csv(None, **to_csv_kwargs))
+
+
+# ---------------------------------------------------------------------- exclusive locks
+EXIT_LOCKED = 7        # another process is using the run folder or output file
+_HELD: dict[str, tuple[int, object]] = {}   # lock file -> (pid, FileLock) held by this process
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder's (or output file's) lock; the message names its pid."""
+
+
+def acquire_lock(lock_file: str | Path, what: str) -> Path:
+    """Take the exclusive lock ``lock_file`` (``filelock``, non-blocking) for ``what`` (a run folder or an
+    output file), writing this process's pid beside it (``<lock_file>.pid``). Raises ``RunLockedError``
+    naming the holder's pid when another process holds it. Taken again by the process that holds it,
+    it is a no-op. Runners release it when done (``releases_locks``); the OS releases it when its process
+    ends (a kill included)."""
+    from filelock import FileLock, Timeout
+
+    lock_file = Path(lock_file)
+    key = str(lock_file.resolve())
+    held = _HELD.get(key)
+    if held and held[0] == os.getpid():
+        return lock_file
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, timeout=0, thread_local=False)
+    pid_file = lock_file.with_name(lock_file.name + ".pid")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = pid_file.read_text().strip() if pid_file.is_file() else "unknown"
+        raise RunLockedError(f"{what} is in use by another diffmem process (pid {holder}; lock {lock_file}): "
+                             "wait for it to finish (the lock is released when that process ends) or stop "
+                             "that process, then run again; nothing was written") from None
+    pid_file.write_text(f"{os.getpid()}\n")
+    _HELD[key] = (os.getpid(), lock)
+    return lock_file
+
+
+def releases_locks(fn):
+    """Decorator of a runner: every lock it took (``acquire_lock``) is released when it returns or raises,
+    so a failed run in a long-lived process (a notebook, a joblib worker) does not keep its run folder."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                release_lock(key)
+    return wrapper
+
+
+def release_lock(lock_file: str | Path) -> None:
+    """Release a lock taken by ``acquire_lock`` in this process (no-op if not held)."""
+    lock_file = Path(lock_file)
+    held = _HELD.pop(str(lock_file.resolve()), None)
+    if held and held[0] == os.getpid():
+        lock_file.with_name(lock_file.name + ".pid").unlink(missing_ok=True)
+        held[1].release()
+
+
 def shard_suffix(shard: Shard) -> str:
     """Folder-name suffix of a shard: ``__shard-1of3`` (empty for the whole set)."""
     return "" if shard.whole else f"__shard-{shard.index}of{shard.count}"
@@ -101,11 +200,24 @@ class RunFolder:
         self.base_name = self.name.removesuffix(shard_suffix(self.shard))
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file = self.path / "config.json"
-        if cfg_file.is_file() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(cfg, default=str)):
-            raise RuntimeError(f"{self.path} holds a different config with the same hash; remove it")
-        tmp = cfg_file.with_name(f"config.json.{os.getpid()}.tmp")   # atomic: shards may merge at once
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        tmp.replace(cfg_file)
+        if cfg_file.is_file():
+            if json.loads(cfg_file.read_text()) != json.loads(json.dumps(cfg, default=str)):
+                raise RuntimeError(f"{self.path} holds a different config with the same hash; remove it")
+        else:
+            atomic_write_json(cfg_file, cfg)                          # atomic: shards may merge at once
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    def lock(self) -> "RunFolder":
+        """Take the run folder's exclusive lock (``acquire_lock``) before writing to it: a second process
+        running the same configuration stops at once with ``RunLockedError`` naming this one's pid."""
+        acquire_lock(self.lock_file, f"run folder {self.path}")
+        return self
+
+    def release(self) -> None:
+        release_lock(self.lock_file)
 
     def reset(self) -> None:
         """Forget scored prompts and metrics (a fresh measurement of the same configuration)."""
@@ -127,14 +239,19 @@ class RunFolder:
         return (self.path / "metrics.json").is_file()
 
     def read_rows(self) -> pd.DataFrame:
+        """The per-prompt rows; ``CorruptRowsError`` (file, lines, fix) when any is bad (bench/rows.py)."""
         if not self.per_prompt.is_file() or self.per_prompt.stat().st_size == 0:
             return pd.DataFrame()
+        refuse_bad_rows(self.per_prompt)
         return pd.read_csv(self.per_prompt, keep_default_na=False, na_values=[""],
                            dtype={"id": str, "prompt": str, "group": str, "family": str, "type": str})
 
-    def done_ids(self) -> set[str]:
-        """Prompts already scored, after dropping a torn last line (see ``drop_torn_tail``)."""
+    def done_ids(self, repair: bool = False) -> set[str]:
+        """Prompts already scored, after dropping a torn last line (see ``drop_torn_tail``). Bad rows
+        (bench/rows.py) are refused, or with ``repair`` moved to per_prompt.rejected.csv and scored again."""
         self.drop_torn_tail()
+        if repair and self.per_prompt.is_file():
+            repair_rows(self.per_prompt)
         df = self.read_rows()
         return set(df["id"]) if len(df) else set()
 
@@ -180,25 +297,31 @@ class RunFolder:
         man = {**old, "schema_version": SCHEMA_VERSION, "kind": self.kind, "run": self.name,
                "config_hash": self.hash, **git, "versions": versions(), "device": device_info(),
                "started": old.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")), **fields}
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")   # atomic: shards read each other's manifests
-        tmp.write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
-        tmp.replace(f)
+        atomic_write_json(f, man)                 # atomic: shards read each other's manifests
 
     def write_metrics(self, metrics: dict) -> None:
-        tmp = self.path / f"metrics.json.{os.getpid()}.tmp"   # per process: concurrent shards may merge
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        tmp.replace(self.path / "metrics.json")
+        atomic_write_json(self.path / "metrics.json", metrics)   # per process: concurrent shards may merge
 
 
 DETECT_COLUMNS = ["task", "model", "detector", "params", "n_gen", "steps", "auc", "auc_ci_low",
                   "auc_ci_high", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_closest",
                   "tpr_convention", "label_source", "n_pos", "n_neg", "planted_auc", "planted_tpr_at_1pct_fpr",
                   "auc_planted_not_learned", "n_planted_not_learned", "seconds_per_prompt", "unet_evals_per_prompt",
-                  "timing", "git_sha", "run"]
+                  "timing", "git_sha", "run", "partial", "partial_reason"]
+
+
+def is_partial(df: pd.DataFrame) -> pd.Series:
+    """Leaderboard rows of runs on a subset of their task (``partial``: smoke runs, ``task.max_per_group=k``)."""
+    if "partial" not in df:
+        return pd.Series(False, index=df.index)
+    return df["partial"].astype(str).str.lower().isin(("true", "1", "1.0"))
 
 
 def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "detect") -> pd.DataFrame:
     """Collect ``metrics.json`` of every complete run of ``kind`` into one sorted CSV.
+
+    Runs on a subset of their task (``partial``, e.g. ``task.max_per_group=2``) are rows with
+    ``partial`` true and their ``partial_reason``; the markdown table lists them apart (bench/plots.py).
 
     Complete shard sets are merged into their whole run first (bench/merge.py); incomplete ones are
     named on stderr and left out. Shard folders have no metrics.json, so they are never rows."""
@@ -224,8 +347,5 @@ def rebuild_leaderboard(runs_dir: str | Path, out_csv: str | Path, kind: str = "
         df = df[lead + sorted(c for c in df.columns if c not in lead)]
         df = df.sort_values(["task", "model", "auc", "seconds_per_prompt"],
                             ascending=[True, True, False, True], kind="mergesort")
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{out_csv}.{os.getpid()}.tmp")   # atomic: the jobs of a multirun rebuild it concurrently
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(out_csv)
+    atomic_to_csv(df, out_csv, index=False, float_format="%.6g")   # the jobs of a multirun rebuild it at once
     return df

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.io import RunFolder
+from bench.io import RunFolder, atomic_write_json
 from bench.shard import Shard
 
 SHARD_MARK = "__shard-"
@@ -134,7 +134,8 @@ def check_set(shards: list[ShardRun]) -> list[ShardRun]:
     kind = m0.get("kind")
     _same(shards, "run kind", lambda s: s.manifest.get("kind"))
     _same(shards, "config (config.json)", lambda s: s.config)
-    _same(shards, "model", lambda s: s.manifest.get("model"))
+    _same(shards, "model", lambda s: {k: v for k, v in (s.manifest.get("model") or {}).items()
+                                      if k != "path"})     # the path is informational (shards may run elsewhere)
     _same(shards, "prompt set (sha256)", lambda s: s.manifest.get("prompt_set", {}).get("sha256"))
     _same(shards, "result fields", lambda s: s.manifest.get("result_fields"))
     _same(shards, "shard count", lambda s: s.shard.count)
@@ -223,9 +224,7 @@ def merge_shards(paths: list[str | Path]) -> dict:
     shas = sorted({s.manifest.get("git_sha") for s in shards})
     if len(shas) > 1:
         manifest["git_sha_shards"] = shas
-    tmp = target / f"manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    tmp.replace(target / "manifest.json")
+    atomic_write_json(target / "manifest.json", manifest)
     metrics = result_fn(run.read_rows(), list(order), shards[0].config, manifest)
     run.write_metrics(metrics)
     return metrics

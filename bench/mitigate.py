@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from baselines.mitigators.base import GenSpec
-from bench.io import RunFolder, config_hash
+from bench.io import RunFolder, config_hash, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
-from bench.runner import build_model, instantiate, world_for
+from bench.runner import build_model, config_id, instantiate, model_key, world_for
 from bench.shard import Shard
 
 MEMORIZED_FAMILIES = ("MV", "RV", "TV", "FG", "BG")
@@ -48,6 +48,7 @@ def _strengths(mcfg: dict) -> list[float]:
     return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
 
 
+@releases_locks
 def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     t0 = time.perf_counter()
@@ -69,8 +70,9 @@ def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) ->
         from tasks.organism_clip import load_clip_scorer
         judge = CopyJudge(world, load_clip_scorer(model.path or None), threads=int(cfg.get("threads") or 2))
     mcfg = {k: v for k, v in cfg["mitigator"].items() if k not in ("strengths", "strength")}
-    protocol = {k: cfg[k] for k in ("task", "model", "seed", "n_seeds", "steps", "guidance",
-                                    "memorized_per_family", "utility_prompts")}
+    # keyed by what determines the numbers (model_key: weights sha256, no folder path), computed once
+    protocol = {**{k: cfg[k] for k in ("task", "seed", "n_seeds", "steps", "guidance", "memorized_per_family",
+                                       "utility_prompts")}, **model_key(cfg["model"], model)}
     protocol_hash = config_hash(protocol)
     results = []
     for strength in _strengths(cfg["mitigator"]):
@@ -83,12 +85,12 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
                   strength, load_seconds, progress) -> dict:
     seed = int(cfg.get("seed", 0))
     mit = instantiate({**mcfg, "strength": strength})
-    mit_id = cfg["mitigator"].get("id") or mit.name
+    mit_id = config_id("mitigator", cfg["mitigator"]) or mit.name
     method = f"{mit_id}@{strength:g}"
     run_cfg = {"kind": "mitigate", **protocol, "mitigator": {**mcfg, "strength": strength},
-               "model_fingerprint": model.fingerprint(), "world_sha256": world.sha256}
+               "world_sha256": world.sha256}
     run = RunFolder(cfg.get("runs_dir", "results/runs"), "mitigate", cfg["task"]["name"], model.name, method,
-                    run_cfg, shard=shard)
+                    run_cfg, shard=shard).lock()
     if cfg.get("rerun") and run.complete:
         run.reset()
     t_fit = time.perf_counter()
@@ -108,7 +110,7 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
                        result_fields=result_fields, base_run=run.base_name,
                        fit={"seconds": fit_seconds, "unet_evals": fit_rows},   # measured per process (shard)
                        shard=shard_entry(shard, prompt_ids), finished=None)
-    done = run.done_ids()
+    done = run.done_ids(repair=bool(cfg.get("repair")))
     todo = resume_batches(mine, seeds, done, int(cfg.get("batch_prompts", 16)))
     bar = tqdm(total=len(mine), initial=len(mine) - sum(map(len, todo)), desc=f"mitigate {method}",
                disable=not progress)
@@ -120,11 +122,13 @@ def _one_strength(cfg, model, world, judge, prompts, mine, shard, seeds, spec, m
     if not shard.whole:
         check_rows(run.read_rows(), [e.id for e in mine], seeds, where=str(run.path))
         run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.release()
         merge_runs_dir(run.path.parent, kind="mitigate", strict=False)
         return {"kind": "mitigate_shard", "run": run.name, "base_run": run.base_name, "shard": str(shard)}
     metrics = mitigate_result(run.read_rows(), prompt_ids, run_cfg, run.manifest(), where=str(run.path))
     run.write_metrics(metrics)
     run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.release()
     return metrics
 
 

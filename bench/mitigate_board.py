@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.io import atomic_to_csv, atomic_write_text
 from bench.plots import _figure, _save, _slug
 
 MITIGATE_COLUMNS = ["task", "model", "mitigator", "strength", "strength_unit", "copy_rate", "sscd_to_train_mean",
@@ -137,10 +138,9 @@ def rebuild_mitigate(results_dir: str | Path = "results") -> list[Path]:
     runs_dir, plots = results / "runs", results / "plots"
     df = mitigate_leaderboard(runs_dir) if runs_dir.is_dir() else pd.DataFrame()
     csv = results / "mitigate_leaderboard.csv"
-    csv.parent.mkdir(parents=True, exist_ok=True)
-    (df if len(df) else pd.DataFrame(columns=MITIGATE_COLUMNS)).to_csv(csv, index=False, float_format="%.6g")
+    atomic_to_csv(df if len(df) else pd.DataFrame(columns=MITIGATE_COLUMNS), csv, index=False, float_format="%.6g")
     md = results / "mitigate_leaderboard.md"
-    md.write_text(markdown(df), encoding="utf-8")
+    atomic_write_text(md, markdown(df))
     written, pngs = [csv, md], []
     for (task, model), sub in (df.groupby(["task", "model"], sort=True) if len(df) else []):
         tag = f"{_slug(task)}_{_slug(model)}"

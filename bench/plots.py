@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.io import DETECT_COLUMNS, rebuild_leaderboard
+from bench.io import DETECT_COLUMNS, atomic_to_csv, atomic_write_text, is_partial, rebuild_leaderboard
 from bench.metrics import roc_curve
 
 FAMILIES = ("MV", "RV", "TV", "FG", "BG")
@@ -245,12 +245,30 @@ def _fused(r) -> bool:
     return str(r.get("timing", "")).startswith("apportioned")
 
 
+def partial_section(df: pd.DataFrame) -> list[str]:
+    """Markdown lines listing partial runs apart from the headline tables, with the reason."""
+    part = df[is_partial(df)]
+    if not len(part):
+        return []
+    out = ["### Partial runs (not benchmark results)", "",
+           "Smoke runs on a subset of their task; their AUC is not comparable with the tables above.", "",
+           "| task / model | detector | AUC | pos / neg | why partial | run |", "|---|---|---:|---:|---|---|"]
+    for _, r in part.iterrows():
+        out.append(f"| {_fmt(r['task'])} / {_fmt(r['model'])} | {_fmt(r['detector'])} | {_fmt(r['auc'])} | "
+                   f"{_fmt(r.get('n_pos'), 0)} / {_fmt(r.get('n_neg'), 0)} | {_fmt(r.get('partial_reason'))} | "
+                   f"{_fmt(r['run'])} |")
+    return out + [""]
+
+
 def markdown_table(df: pd.DataFrame) -> str:
-    """One markdown table per task+model (rows in leaderboard order)."""
+    """One markdown table per task+model (rows in leaderboard order); partial runs (``is_partial``) are
+    listed apart at the end, never as headline rows."""
     if not len(df):
         return "_No complete detection runs._\n"
-    out = []
-    for (task, model), sub in df.groupby(["task", "model"], sort=True):
+    out, head_df = [], df[~is_partial(df)]
+    if not len(head_df):
+        out += ["_No complete detection runs on a whole task._", ""]
+    for (task, model), sub in head_df.groupby(["task", "model"], sort=True):
         gcols = [c for c in group_columns(sub) if sub[c].notna().any()]
         planted = "planted_auc" in sub and sub["planted_auc"].notna().any()
         pnl = "auc_planted_not_learned" in sub and sub["auc_planted_not_learned"].notna().any()
@@ -283,7 +301,7 @@ def markdown_table(df: pd.DataFrame) -> str:
             out += ["", "† seconds apportioned from one fused sampling pass by UNet rows "
                         "(`diffmem detect-fused`, bench/detect_fused.py), not measured per configuration."]
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + partial_section(df))
 
 
 # ---------------------------------------------------------------------- rebuild
@@ -299,13 +317,14 @@ def rebuild_all(results_dir: str | Path = "results") -> list[Path]:
     written = [csv_path]
     if not len(df):
         print(f"note: no complete detection runs under {runs_dir}; wrote an empty leaderboard")
-        pd.DataFrame(columns=DETECT_COLUMNS).to_csv(csv_path, index=False)
+        atomic_to_csv(pd.DataFrame(columns=DETECT_COLUMNS), csv_path, index=False)
     md = results / "detect_leaderboard.md"
-    md.write_text(markdown_table(df), encoding="utf-8")
+    atomic_write_text(md, markdown_table(df))
     written.append(md)
     pngs: list[Path] = []
-    if len(df):
-        for (task, model), sub in df.groupby(["task", "model"], sort=True):
+    head_df = df[~is_partial(df)] if len(df) else df      # plots show whole-task runs only
+    if len(head_df):
+        for (task, model), sub in head_df.groupby(["task", "model"], sort=True):
             tag, title = f"{_slug(task)}_{_slug(model)}", f"{task} / {model}"
             pngs.append(roc_plot([runs_dir / r for r in sub["run"]], plots / f"detect_roc_{tag}.png",
                                  f"ROC: {title}"))

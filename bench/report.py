@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.io import git_info
+from bench.io import atomic_write_text, git_info, is_partial
 
 # (section title, file-name prefixes); first match wins, unmatched plots go to "Other plots"
 PLOT_SECTIONS = (
@@ -79,7 +79,11 @@ def leaderboard_sections(results: Path) -> list[Section]:
     out = []
     for csv in sorted(results.glob("*_leaderboard.csv")):
         df = _read_csv(csv)
-        body = _table(df) if len(df) else "<p>(no complete runs yet)</p>"
+        part = is_partial(df)
+        body = _table(df[~part]) if (~part).any() else "<p>(no complete runs yet)</p>"
+        if part.any():              # smoke runs on a subset of their task: apart, never headline rows
+            body += ("<h3>Partial runs (not benchmark results)</h3><p class=meta>runs on a subset of their task "
+                     "(see partial_reason); not comparable with the table above.</p>" + _table(df[part]))
         out.append(Section(f"Leaderboard: {csv.stem.removesuffix('_leaderboard')}",
                            f"<p class=meta>{_esc(csv.name)}: {len(df)} rows, rebuilt from run folders.</p>{body}"))
     return out
@@ -135,8 +139,9 @@ def manifest_rows(results: Path) -> pd.DataFrame:
         cfg_f = f.parent / "config.json"
         cfg = json.loads(cfg_f.read_text()) if cfg_f.is_file() else {}
         ps = m.get("prompt_set") or {}
-        method = next((cfg[k].get("id") for k in ("detector", "mitigator", "explainer")
-                       if isinstance(cfg.get(k), dict)), None)
+        rf = m.get("result_fields") or {}            # the run's id: an overridden config shows its difference
+        method = rf.get("detector") or rf.get("mitigator") or next(
+            (cfg[k].get("id") for k in ("detector", "mitigator", "explainer") if isinstance(cfg.get(k), dict)), None)
         task = cfg.get("task")
         rows.append({"run": m.get("run", f.parent.name), "kind": m.get("kind"),
                      "task": task.get("name") if isinstance(task, dict) else task,
@@ -176,7 +181,7 @@ def build_report(results_dir: str | Path = "results", out: str | Path | None = N
            f"runs were measured at git {', '.join(f'<code>{_esc(s)}</code>' for s in run_shas) or '-'}. "
            f"Every number is rebuilt from run folders; rebuild with <code>make report</code>.</p>"
            f"<nav>{nav}</nav>{body}</body></html>\n")
-    page.write_text(doc, encoding="utf-8")
+    atomic_write_text(page, doc)
     return page
 
 

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from bench.io import atomic_write_json
 from bench.sources import npy_sources
 
 SCHEMA_VERSION = 1
@@ -305,7 +306,7 @@ class NeighbourIndex:
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / INDEX_FILE))
         man = dataclasses.replace(self.manifest, nprobe=self.nprobe)
-        (d / MANIFEST_FILE).write_text(json.dumps(dataclasses.asdict(man), indent=1))
+        atomic_write_json(d / MANIFEST_FILE, dataclasses.asdict(man), indent=1, sort_keys=False)
         self.path = d
         return d
 

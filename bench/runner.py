@@ -7,6 +7,7 @@ Cost (wall seconds, UNet rows) is measured here, never reported by methods.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,10 +17,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.io import RunFolder, rebuild_leaderboard
+from bench.io import RunFolder, rebuild_leaderboard, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
 from bench.metrics import detection_metrics, roc_auc
-from bench.model import DiffusionModel, load_model
+from bench.model import DiffusionModel, load_model, weights_sha256
 from bench.shard import Shard
 from tasks.promptsets import PromptSet
 
@@ -125,7 +126,8 @@ def label_source(tcfg: dict) -> str:
     return src
 
 
-def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSet:
+def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None, weights: str | None = None) -> PromptSet:
+    """The task's prompt set (``weights``: the model's sha256 when computed already, for measured labels)."""
     if tcfg["source"] == "organism":
         world = world_for(mcfg, model)
         measured = None
@@ -133,7 +135,7 @@ def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSe
             from tasks.groundtruth import measured_labels
             if model is None:
                 raise ValueError("measured labels need the loaded model (its ground truth is keyed by its weights)")
-            measured = measured_labels(model, world)
+            measured = measured_labels(model, world, weights)
         ps = organism_promptset(world, measured)
     else:
         from tasks.promptsets import load_task
@@ -145,8 +147,17 @@ def build_task(tcfg: dict, mcfg: dict, model: DiffusionModel | None) -> PromptSe
             seen[g] = seen.get(g, 0) + 1
             if seen[g] <= k:
                 keep.append(i)
-        ps = subset(ps, keep, f"{ps.name}_max{k}")
+        n_full, ps = len(ps), subset(ps, keep, f"{ps.name}_max{k}")
+        reason = f"task.max_per_group={k}: {len(ps)} of {n_full} prompts"
+        ps = dataclasses.replace(ps, extra={**ps.extra, "partial_reason": [reason] * len(ps)})
     return ps
+
+
+def partial_fields(ps: PromptSet) -> dict:
+    """``partial`` (a smoke run on a subset of the task, e.g. ``task.max_per_group=2``) and its reason:
+    recorded in the run's result fields; the leaderboard lists such runs apart from the headline table."""
+    reason = (ps.extra.get("partial_reason") or [None])[0]
+    return {"partial": reason is not None, "partial_reason": reason}
 
 
 def subset(ps: PromptSet, idx: list[int], name: str) -> PromptSet:
@@ -160,12 +171,55 @@ def instantiate(dcfg: dict):
     return hy({k: v for k, v in dcfg.items() if k != "id"})
 
 
+SWEPT = ("id", "strengths", "strength")   # not part of a configuration's identity (a mitigator's strengths)
+
+
+def config_id(group: str, ccfg: dict, conf_dir: str | Path | None = None) -> str | None:
+    """The id of a detector / mitigator configuration: its YAML ``id`` when it equals the registered
+    ``conf/<group>/<id>.yaml``, else the id with the differing keys, e.g. ``nm_n1_k1[guidance=5]``
+    (``detector.guidance=5``), so an overridden configuration never takes a registered one's row.
+    None when ``ccfg`` has no id; an id with no registered YAML (a user's own) is returned as is."""
+    from omegaconf import OmegaConf
+
+    cid = ccfg.get("id")
+    f = Path(conf_dir or Path(__file__).resolve().parents[1] / "conf") / group / f"{cid}.yaml"
+    if not cid or not f.is_file():
+        return cid
+    reg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+    skipped = {k for k, v in reg.items() if isinstance(v, str) and "${" in v}   # interpolations: resolved elsewhere
+    reg = {k: v for k, v in reg.items() if k not in skipped}
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:g}"
+        return "null" if v is None else json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+
+    diff = [f"{k}={fmt(ccfg.get(k))}" for k in sorted(set(reg) | (set(ccfg) - set(skipped)))
+            if k not in SWEPT and (k not in ccfg or k not in reg or _differs(reg[k], ccfg[k]))]
+    return f"{cid}[{','.join(diff)}]" if diff else cid
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return not (a == b or (a != a and b != b))          # 5 == 5.0; nan equals nan here
+    return a != b
+
+
 # ---------------------------------------------------------------------- detection
-def detect_run_config(cfg: dict, ps_sha256: str, model: DiffusionModel) -> dict:
+def model_key(mcfg: dict, model: DiffusionModel, weights: str | None = None) -> dict:
+    """What of the model a run is keyed by: its config and fingerprint without the folder path (a clone or
+    a moved checkout resumes the same runs) and the weights' sha256 (``bench.model.weights_sha256``;
+    retrained weights in the same folder start new runs). ``weights``: the hash when already computed."""
+    return {"model": {k: v for k, v in mcfg.items() if k != "path"},
+            "model_fingerprint": {k: v for k, v in model.fingerprint().items() if k != "path"},
+            "model_weights_sha256": weights or weights_sha256(model)}
+
+
+def detect_run_config(cfg: dict, ps_sha256: str, model: DiffusionModel, weights: str | None = None) -> dict:
     """The config a detect run folder is named and checked by (plain and fused runs share it, so they
-    resume each other)."""
-    return {"kind": "detect", "task": cfg["task"], "model": cfg["model"], "detector": cfg["detector"],
-            "seed": int(cfg.get("seed", 0)), "prompt_set_sha256": ps_sha256, "model_fingerprint": model.fingerprint()}
+    resume each other): config, prompt-set sha256 and ``model_key``, never a path."""
+    return {"kind": "detect", "task": cfg["task"], "detector": cfg["detector"], "seed": int(cfg.get("seed", 0)),
+            "prompt_set_sha256": ps_sha256, **model_key(cfg["model"], model, weights)}
 
 
 def detect_row(ps: PromptSet, i: int, score: float, seconds: float, unet_evals: float) -> dict:
@@ -177,6 +231,7 @@ def detect_row(ps: PromptSet, i: int, score: float, seconds: float, unet_evals: 
             "label_planted": int(planted[i]) if planted is not None else int(ps.labels[i])}
 
 
+@releases_locks
 def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool = True) -> dict:
     """Score ``cfg['task']`` with ``cfg['detector']`` on ``cfg['model']``; returns metrics.
 
@@ -191,26 +246,28 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
         from bench.hardware import compile_unet
         compile_unet(model)
     load_seconds = time.perf_counter() - t_load
-    ps_all = build_task(cfg["task"], cfg["model"], model)
+    weights = weights_sha256(model)              # once per run: keys the run folder
+    ps_all = build_task(cfg["task"], cfg["model"], model, weights)
     ps = ps_all if shard.whole else subset(ps_all, shard.select(len(ps_all)),
                                            f"{ps_all.name}_shard{shard.index}of{shard.count}")
     det = instantiate(cfg["detector"])
-    det_id = cfg["detector"].get("id") or det.name
+    det_id = config_id("detector", cfg["detector"]) or det.name
     seed = int(cfg.get("seed", 0))
-    run_cfg = detect_run_config(cfg, ps_all.sha256, model)
+    run_cfg = detect_run_config(cfg, ps_all.sha256, model, weights)
     run = RunFolder(cfg.get("runs_dir", "results/runs"), "detect", cfg["task"]["name"], model.name, det_id,
-                    run_cfg, shard=shard)
+                    run_cfg, shard=shard).lock()
     if cfg.get("rerun") and run.complete:      # re-measure finished runs; partial ones resume
         run.reset()
     result_fields = {"kind": "detect", "task": cfg["task"]["name"], "model": model.name, "detector": det_id,
                      "params": json.dumps(det.params(), sort_keys=True, default=str),
                      "n_gen": getattr(det, "n_gen", None), "steps": getattr(det, "steps", None),
-                     **labels_protocol(ps_all)}
+                     **labels_protocol(ps_all), **partial_fields(ps_all)}
     run.write_manifest(seeds={"seed": seed}, prompt_set={"name": ps_all.name, "sha256": ps_all.sha256,
                        "n": len(ps_all), "sources": list(ps_all.sources)}, model=model.fingerprint(),
-                       params=det.params(), model_load_seconds=load_seconds, result_fields=result_fields,
+                       model_weights_sha256=weights, params=det.params(), model_load_seconds=load_seconds,
+                       result_fields=result_fields, **partial_fields(ps_all),
                        base_run=run.base_name, shard=shard_entry(shard, ps_all.ids), finished=None)
-    done = run.done_ids()
+    done = run.done_ids(repair=bool(cfg.get("repair")))
     todo = [i for i, pid in enumerate(ps.ids) if pid not in done]
     bs = int(cfg.get("batch_prompts", 64))
     bar = tqdm(total=len(ps), initial=len(ps) - len(todo), desc=f"detect {det_id}", disable=not progress)
@@ -228,6 +285,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     bar.close()
     if not shard.whole:
         run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.release()
         if cfg.get("leaderboard"):        # the shard that completes its set merges it (the rebuild does)
             rebuild_leaderboard(run.path.parent, cfg["leaderboard"], "detect")
         else:
@@ -237,6 +295,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     metrics = detect_result(run.read_rows(), ps.ids, run_cfg, run.manifest())
     run.write_metrics(metrics)
     run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.release()
     if cfg.get("leaderboard"):
         rebuild_leaderboard(run.path.parent, cfg["leaderboard"], "detect")
     return metrics

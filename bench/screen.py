@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.calibration import Calibration, CalibrationError, config_key, resolve, weights_sha256
-from bench.io import git_info, versions
+from bench.io import (EXIT_LOCKED, RunLockedError, acquire_lock, atomic_to_csv, atomic_write_json,
+                      atomic_write_text, git_info, release_lock, versions)
 from bench.shard import Shard
 from tasks.promptsets import PromptFile, PromptFileError, load_prompt_file
 
@@ -43,6 +44,7 @@ EXIT_BAD_FILE = 3            # the prompt file is missing, empty, has no such co
 EXIT_CALIBRATION = 4         # no calibration, or one made for another detector configuration / model
 EXIT_OUTPUT_CONFLICT = 5     # the output path holds a run of another input or configuration
 EXIT_LINES_REJECTED = 6      # every good line was scored, but some lines were rejected (see *.rejected.csv)
+# EXIT_LOCKED = 7 (bench.io): another process is screening into the same output file
 COLUMNS = ["line", "prompt", "score", "p_value", "flag"]
 
 
@@ -77,12 +79,12 @@ class Setup:
 
 # ---------------------------------------------------------------------- shared setup
 def setup(cfg: dict, model=None) -> Setup:
-    from bench.runner import build_model, instantiate
+    from bench.runner import build_model, config_id, instantiate
 
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     model = model or build_model(cfg["model"])
     det = instantiate(cfg["detector"])
-    det_id = cfg["detector"].get("id") or det.name
+    det_id = config_id("detector", cfg["detector"]) or det.name
     seed, weights = int(cfg.get("seed", 0)), weights_sha256(model)
     return Setup(model, det, det_id, seed, weights, config_key(det_id, det.params(), model.fingerprint(), weights, seed))
 
@@ -166,7 +168,10 @@ def _write_rows(out: Path, rows: list[dict], mode: str = "a") -> None:
     if new:
         w.writeheader()
     w.writerows(rows)
-    with open(out, "w" if new else "a", encoding="utf-8", newline="") as f:
+    if new:                                   # a rewrite replaces the file atomically
+        atomic_write_text(out, buf.getvalue())
+        return
+    with open(out, "a", encoding="utf-8", newline="") as f:
         f.write(buf.getvalue())
         f.flush()
 
@@ -195,9 +200,22 @@ def run_screen(cfg: dict, *, model=None, progress: bool = True) -> ScreenResult:
     cal = load_calibration(cfg, s)                       # fail before scoring anything
     out = output_path(cfg, prompts, s.model.name, s.detector_id, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out.with_name(out.name + ".lock"), f"screening output {out}")   # one writer per output
+    try:
+        return _screen(cfg, prompts, pf, mine, s, cal, shard, out, alpha, progress)
+    finally:
+        release_lock(lock)
+
+
+def _screen(cfg: dict, prompts: Path, pf: PromptFile, mine: set[int], s: Setup, cal: Calibration | None,
+            shard: Shard, out: Path, alpha: float, progress: bool) -> ScreenResult:
     man_path, rej_path = out.with_suffix(".manifest.json"), out.with_suffix(".rejected.csv")
     ident = _identity(cfg, prompts, pf, s, cal, shard)
-    old = json.loads(man_path.read_text()) if man_path.is_file() else None
+    try:
+        old = json.loads(man_path.read_text()) if man_path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OutputConflictError(f"{man_path} is unreadable ({man_path.stat().st_size} bytes; cut short by a full "
+                                  f"disk or a kill in an older version): delete it and {out}, then run again") from None
     if old is not None and old.get("identity") != ident:
         changed = sorted(k for k in ident if old.get("identity", {}).get(k) != ident[k])
         raise OutputConflictError(f"{out} holds a screening of another input or configuration (differs in "
@@ -206,7 +224,7 @@ def run_screen(cfg: dict, *, model=None, progress: bool = True) -> ScreenResult:
         raise OutputConflictError(f"{out} exists without its manifest {man_path}; pass another out= or delete it")
 
     rejected = [(no, msg) for no, msg in pf.errors if no in mine]
-    pd.DataFrame(rejected, columns=["line", "error"]).to_csv(rej_path, index=False)
+    atomic_to_csv(pd.DataFrame(rejected, columns=["line", "error"]), rej_path, index=False)
     for no, msg in rejected[:10]:
         print(f"{prompts}, line {no}: {msg} (rejected)", file=sys.stderr)
     if len(rejected) > 10:
@@ -226,7 +244,7 @@ def run_screen(cfg: dict, *, model=None, progress: bool = True) -> ScreenResult:
                        "flag": f"1 if p_value <= alpha={alpha:g}"},
            "n_lines_in_shard": len(mine), "n_prompts": len(todo_all), "n_rejected": len(rejected),
            "started": (old or {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))}
-    man_path.write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+    atomic_write_json(man_path, man)          # a full disk leaves the old manifest, never a 0-byte one
 
     done = read_done(out, {no for no, _ in todo_all})
     todo = [(no, p) for no, p in todo_all if no not in done]
@@ -254,7 +272,7 @@ def run_screen(cfg: dict, *, model=None, progress: bool = True) -> ScreenResult:
     man.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_scored": len(df), "n_flagged": n_flagged,
                 "seconds_scoring_this_session": time.perf_counter() - t0,
                 "unet_evals_per_prompt_this_session": (s.model.counter.rows - rows0) / max(1, len(todo))})
-    man_path.write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+    atomic_write_json(man_path, man)
     code = EXIT_LINES_REJECTED if rejected else EXIT_OK
     return ScreenResult(out, rej_path, man_path, len(df), len(rejected), n_flagged, code)
 
@@ -342,7 +360,7 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
               "memorized_median_p": float(np.median(p_pos)),
               "memorized_per_family": per_family, "heldout_per_group": per_group, "git": git_info()}
     out = Path(cfg.get("calibration_dir", "results/calibration")) / f"heldout__{s.model.name}__{s.detector_id}.json"
-    out.write_text(json.dumps(report, indent=2, sort_keys=True))
+    atomic_write_json(out, report)
     print(pd.DataFrame(rows).to_string(index=False))
     print(f"over {repeats[0]['repeats']} random half splits (the guarantee is marginal over the split):")
     print(pd.DataFrame(repeats).to_string(index=False))
@@ -366,6 +384,8 @@ def cli(command: str, cfg: dict) -> None:
         _die(EXIT_CALIBRATION, e)
     except OutputConflictError as e:
         _die(EXIT_OUTPUT_CONFLICT, e)
+    except RunLockedError as e:
+        _die(EXIT_LOCKED, e)
     if isinstance(res, ScreenResult):
         print(f"scored {res.n_scored} prompts, flagged {res.n_flagged} -> {res.out}")
         if res.n_rejected:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.io import atomic_to_csv
+
 KEY = ["variant", "n_prompts"]
 
 
@@ -67,10 +69,10 @@ def write_csvs(table: pd.DataFrame, raw_rows: list[dict], info: dict, out: str |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     full = table.assign(**{k: v for k, v in info.items()})
-    full.to_csv(out, index=False, float_format="%.6g")
+    atomic_to_csv(full, out, index=False, float_format="%.6g")
     raw_path = out.with_name(out.stem + "_repeats.csv")
-    pd.DataFrame(raw_rows).assign(model=info.get("model"), device=info.get("device")).to_csv(
-        raw_path, index=False, float_format="%.6g")
+    atomic_to_csv(pd.DataFrame(raw_rows).assign(model=info.get("model"), device=info.get("device")), raw_path,
+                  index=False, float_format="%.6g")
     return out, raw_path
 
 

@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
               "threads": a.threads}
     text = json.dumps(report, indent=1, default=str)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
+        from bench.io import atomic_write_text
+        atomic_write_text(a.out, text)
     print(text)
     print(f"min_tightness = {value}")
 

@@ -44,6 +44,7 @@ from matplotlib.figure import Figure
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
 from baselines.explainers.token_significance import TokenScores, TokenSignificance
+from bench.io import atomic_to_csv, atomic_write_text
 from bench.model import DiffusionModel
 from tasks.memworld import TITLE_NOUNS, VARIANT_WORDS, MemWorld
 
@@ -293,18 +294,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"guidance=7.5 swap_guidance_quirk={a.swap_guidance_quirk}",
                 "detector": f"noise_magnitude n_gen={a.det_n_gen} k={a.det_steps}", "seed": a.seed,
                 "edit": "token deletion", "seconds": round(time.perf_counter() - t0, 1)}
-    df.to_csv(out / f"explain_study{tag}.csv", index=False, float_format="%.6g")
-    tok.to_csv(out / f"explain_study{tag}_tokens.csv", index=False, float_format="%.6g")
+    atomic_to_csv(df, out / f"explain_study{tag}.csv", index=False, float_format="%.6g")
+    atomic_to_csv(tok, out / f"explain_study{tag}_tokens.csv", index=False, float_format="%.6g")
     write_report(df, protocol, out, tag)
 
 
 def write_report(df: pd.DataFrame, protocol: dict, out: Path, tag: str = "") -> None:
     summary = summarize(df)
     md = markdown(summary, protocol)
-    (out / f"explain_study{tag}.md").write_text(md)
-    (out / f"explain_study{tag}.json").write_text(json.dumps({"protocol": protocol,
-                                                              "summary": summary.to_dict("records")},
-                                                             indent=2, default=float))
+    atomic_write_text(out / f"explain_study{tag}.md", md)
+    atomic_write_text(out / f"explain_study{tag}.json", json.dumps({"protocol": protocol,
+                                                                    "summary": summary.to_dict("records")},
+                                                                   indent=2, default=float))
     plot(summary, out / "plots" / f"explain_study{tag}.png")
     print(md)
 

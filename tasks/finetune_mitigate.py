@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from baselines.mitigators.base import GenSpec
-from bench.io import RunFolder, config_hash
+from bench.io import RunFolder, atomic_write_json, config_hash, releases_locks
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -71,10 +71,11 @@ def strengths(mcfg: dict) -> list[float]:
     return [float(x) for x in (s if s is not None else [mcfg.get("strength", 0.0)])]
 
 
+@releases_locks
 def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
     """One training-time mitigator over its strengths; one run folder per strength."""
     from bench.mitigate import aggregate, check_rows, generate_and_measure, resume_batches
-    from bench.runner import build_model, world_for
+    from bench.runner import build_model, config_id, model_key, world_for
     from tasks.finetune_world import finetune_config_from_dict, finetune_world
 
     torch.set_num_threads(int(cfg.get("threads") or 1))
@@ -95,18 +96,20 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
         from tasks.organism_clip import load_clip_scorer
         judge = CopyJudge(world, load_clip_scorer(model.path or None), threads=int(cfg.get("threads") or 1))
     task = {"name": cfg.get("task_name", TASK), "source": "organism_finetune"}
-    protocol = {"task": task, "model": cfg["model"], "seed": seed, "n_seeds": len(seeds), "steps": spec.steps,
-                "guidance": spec.guidance, "finetune": dataclasses.asdict(fcfg)}
+    # keyed by what determines the numbers (model_key: weights sha256, no folder path), computed once
+    protocol = {"task": task, "seed": seed, "n_seeds": len(seeds), "steps": spec.steps,
+                "guidance": spec.guidance, "finetune": dataclasses.asdict(fcfg), **model_key(cfg["model"], model)}
     protocol_hash = config_hash(protocol)
-    mid = mcfg.get("id")
+    mid = config_id("mitigator", mcfg)
     results = []
     for strength in strengths(mcfg):
         mit = make_mitigator(mcfg, strength, cfg.get("finetune") or {}, cfg.get("cache_dir", ""))
         method = f"{mid or mit.name}@{strength:g}"
         run_cfg = {"kind": "mitigate", **protocol, "mitigator": {**{k: v for k, v in mcfg.items() if k != "strengths"},
                                                                  "strength": strength},
-                   "model_fingerprint": model.fingerprint(), "world_sha256": world.sha256}
-        run = RunFolder(cfg.get("runs_dir", "results/runs"), "mitigate", task["name"], model.name, method, run_cfg)
+                   "world_sha256": world.sha256}
+        run = RunFolder(cfg.get("runs_dir", "results/runs"), "mitigate", task["name"], model.name, method,
+                        run_cfg).lock()
         if cfg.get("rerun") and run.complete:
             run.reset()
         t_fit, rows0 = time.perf_counter(), model.counter.rows
@@ -114,8 +117,8 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
         fit_seconds, fit_rows = time.perf_counter() - t_fit, model.counter.rows - rows0
         run.write_manifest(seeds={"seed": seed, "generation_seeds": seeds}, params=mit.params(), protocol=protocol,
                            protocol_hash=protocol_hash, judge=judge.protocol(), prompt_ids=[e.id for e in prompts],
-                           model_load_seconds=load_seconds, fit_report=mit.fit_report)
-        done = run.done_ids()          # resume per (prompt, seed), as bench.mitigate (resume_batches)
+                           model=model.fingerprint(), model_load_seconds=load_seconds, fit_report=mit.fit_report)
+        done = run.done_ids(repair=bool(cfg.get("repair")))   # resume per (prompt, seed), as bench.mitigate
         for batch in resume_batches(prompts, seeds, done, int(cfg.get("batch_prompts", 16))):
             rows = generate_and_measure(mit, model, judge, batch, seeds, spec, seed=seed, what=method)
             run.append_rows([r for r in rows if r["id"] not in done])
@@ -138,6 +141,7 @@ def run_finetune_mitigate(cfg: dict, mcfg: dict, *, model=None, judge=None, prog
                 metrics[f"kept_share_{g}"] = v
         run.write_metrics(metrics)
         run.write_manifest(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        run.release()
         results.append(metrics)
     return results
 
@@ -195,8 +199,7 @@ def calibrate_tau(cfg: dict, *, n_per_group: int = 512, model=None, out: str | P
         res[tag] = {g: {"mean": float(v.mean()), **{f"q{int(x * 100)}": float(np.quantile(v, x)) for x in q}}
                     for g, v in mags.items()}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(res, indent=2))
+        atomic_write_json(out, res, sort_keys=False)
     return res
 
 
@@ -209,12 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--conf", default=str(CONF / "finetune.yaml"))
     ap.add_argument("--rerun", action="store_true", help="re-measure finished runs (fine-tunes stay cached)")
+    ap.add_argument("--repair", action="store_true", help="move bad per-prompt rows aside and rescore them")
     ap.add_argument("--out", default="", help="calibrate: output JSON (default "
                     "results/finetune_tau_calibration_<base model name>.json)")
     ap.add_argument("--strengths", default="", help="comma list: only these strengths of each mitigator (default: all)")
     a = ap.parse_args(argv)
     cfg = load_conf(Path(a.conf))
-    cfg["threads"], cfg["rerun"] = a.threads, a.rerun
+    cfg["threads"], cfg["rerun"], cfg["repair"] = a.threads, a.rerun, a.repair
     grid = [m for m in a.mitigators.split(",") if m]
     only = [float(x) for x in a.strengths.split(",") if x] or None
     t0 = time.perf_counter()

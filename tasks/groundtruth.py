@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from bench.embed import cn_rmse, cosine_matrix, get_embedder
+from bench.io import atomic_to_csv, atomic_write_json, atomic_write_text
 from bench.sampling import sample
 
 FLOOR = 0.025
@@ -164,11 +165,12 @@ def manifest(df: pd.DataFrame, thr: dict, world, weights: str, seconds: float, s
             "seconds": seconds, "summary": summ.to_dict(orient="records"), "labels": labels}
 
 
-def measured_labels(model, world) -> dict[str, bool]:
+def measured_labels(model, world, weights: str | None = None) -> dict[str, bool]:
     """Per evaluation-prompt id: does it reproduce its training image on *these* weights?
 
     Read from ``<model folder>/groundtruth.json``; refused (``GroundTruthError``) when the file is
     missing, predates per-prompt labels, or was measured on another world or other weights.
+    ``weights``: the model's ``weights_sha256`` when the caller has computed it already.
     """
     from bench.model import weights_sha256
 
@@ -183,7 +185,7 @@ def measured_labels(model, world) -> dict[str, bool]:
     if d.get("memworld_sha256") != world.sha256:
         raise GroundTruthError(f"{f} was measured on another world (memworld sha256 "
                                f"{str(d.get('memworld_sha256'))[:12]} != {world.sha256[:12]}): {hint}")
-    w = weights_sha256(model)
+    w = weights or weights_sha256(model)
     if d["weights_sha256"] != w:
         raise GroundTruthError(f"{f} was measured on other weights (sha256 {d['weights_sha256'][:12]} != "
                                f"{w[:12]} of the loaded model): {hint}")
@@ -215,16 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     summ = summarize(df)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{stem}.csv", index=False, float_format="%.4f")
-    summ.to_csv(out / f"{stem}_summary.csv", index=False, float_format="%.3f")
-    (out / f"{stem}_summary.md").write_text(summ.to_markdown(index=False, floatfmt=".3f")
-                                                         if _has_tabulate() else summ.to_string(index=False))
+    atomic_to_csv(df, out / f"{stem}.csv", index=False, float_format="%.4f")
+    atomic_to_csv(summ, out / f"{stem}_summary.csv", index=False, float_format="%.3f")
+    atomic_write_text(out / f"{stem}_summary.md", summ.to_markdown(index=False, floatfmt=".3f")
+                      if _has_tabulate() else summ.to_string(index=False))
     from bench.model import weights_sha256
 
     m = manifest(df, thr, world, weights_sha256(model), time.perf_counter() - t0, summ)
-    tmp = Path(model.path) / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(m, indent=2, default=str))
-    tmp.replace(Path(model.path) / MANIFEST)
+    atomic_write_json(Path(model.path) / MANIFEST, m, sort_keys=False)
     print(summ.to_string(index=False))
 
 

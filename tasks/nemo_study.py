@@ -27,6 +27,7 @@ import torch
 from baselines.mitigators.base import GenSpec
 from baselines.mitigators.nemo import NeMo, Neurons, deactivated_sample, neurons_by_layer, value_layers
 from bench.embed import cosine_matrix, get_embedder
+from bench.io import atomic_to_csv, atomic_write_text
 from bench.runner import build_model, world_for
 from tasks.groundtruth import calibrate, region_distance
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     df, params = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out.with_suffix(".csv"), index=False, float_format="%.4f")
+    atomic_to_csv(df, out.with_suffix(".csv"), index=False, float_format="%.4f")
     tab = summary(df)
     cmd = "python -m tasks.nemo_study " + " ".join(argv if argv is not None else sys.argv[1:])
     taus = ", ".join(f"{s} {p['tau_mem_used']:.3f}" for s, p in params.items())
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
           "cn-RMSE, tasks/groundtruth.py). plain = no mitigation, nemo = the prompt's own neurons "
           "deactivated, random = as many random neurons per layer in the same layers.\n",
           tab.to_markdown(index=False, floatfmt=".3f"), ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md))
     print("\n".join(md))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.io import atomic_to_csv, atomic_write_text
 from tasks.groundtruth import groundtruth_stem
 from tasks.memworld import FAMILIES
 
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     results = Path(args.results)
     df = pd.DataFrame([compare_row(v, results) for v in args.versions.split(",")])
-    df.to_csv(results / "organism_compare.csv", index=False, float_format="%.4f")
-    (results / "organism_compare.md").write_text(markdown(df))
+    atomic_to_csv(df, results / "organism_compare.csv", index=False, float_format="%.4f")
+    atomic_write_text(results / "organism_compare.md", markdown(df))
     print(df.set_index("version").T.to_string())
 
 

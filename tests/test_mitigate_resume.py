@@ -144,6 +144,7 @@ def test_run_refuses_a_per_prompt_csv_with_a_duplicated_pair(tmp_path, uninterru
     lines = (run_dir / "per_prompt.csv").read_bytes().splitlines(keepends=True)
     with open(run_dir / "per_prompt.csv", "ab") as f:
         f.write(lines[1 + N_SEEDS])                            # (second prompt, first seed) twice
-    with pytest.raises(RuntimeError, match=rf"{run_dir.name}.*1 duplicated"):
+    # refused on resume, naming the file and line (bench/rows.py); repair=true drops the copy
+    with pytest.raises(ValueError, match=rf"{run_dir.name}/per_prompt.csv: 1 bad row.*duplicate of line {2 + N_SEEDS}"):
         run_mitigate(run_cfg(tmp_path, "none"), model=small_organism, judge=judge, progress=False)
     assert not (run_dir / "metrics.json").exists()
