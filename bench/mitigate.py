@@ -28,6 +28,7 @@ from bench.io import RunFolder, config_hash
 from bench.merge import merge_runs_dir, shard_entry
 from bench.runner import build_model, instantiate, world_for
 from bench.shard import Shard
+from bench.validate import check_config
 
 MEMORIZED_FAMILIES = ("MV", "RV", "TV", "FG", "BG")
 UTILITY_GROUPS = ("ordinary_seen", "ordinary_unseen")
@@ -49,6 +50,7 @@ def _strengths(mcfg: dict) -> list[float]:
 
 
 def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
+    check_config("mitigate", cfg)                   # before any model load
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     t0 = time.perf_counter()
     shard = Shard.parse(cfg.get("shard"))

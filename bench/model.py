@@ -106,17 +106,20 @@ class DiffusionModel:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise PromptError(f"prompt #{i} is {type(p).__name__} ({p!r}), not a string")
-        full = self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
-        for i, ids in enumerate(full):
-            if len(ids) > self.max_length:
-                rec = {"index": i, "prompt": prompts[i], "n_tokens": len(ids), "max_length": self.max_length}
+        for i, n in enumerate(self.token_counts(prompts)):
+            if n > self.max_length:
+                rec = {"index": i, "prompt": prompts[i], "n_tokens": n, "max_length": self.max_length}
                 self.truncations.append(rec)
-                warnings.warn(f"prompt #{i} has {len(ids)} tokens, more than the tokenizer's "
-                              f"{self.max_length}; truncated (recorded in model.truncations)",
+                warnings.warn(f"prompt #{i} of this batch ({prompts[i][:60]!r}) has {n} tokens, more than the "
+                              f"tokenizer's {self.max_length}; truncated (recorded in model.truncations)",
                               PromptTruncationWarning, stacklevel=3)
         enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt before truncation (special tokens included); > ``max_length`` = truncated."""
+        return [len(ids) for ids in self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]]
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder output [B, L, D]; "" gives the unconditional embedding e_empty."""

@@ -16,11 +16,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from bench.errors import ConfigError
 from bench.io import RunFolder, rebuild_leaderboard
 from bench.merge import merge_runs_dir, shard_entry
 from bench.metrics import detection_metrics, roc_auc
 from bench.model import DiffusionModel, load_model
 from bench.shard import Shard
+from bench.validate import check_config
 from tasks.promptsets import PromptSet
 
 
@@ -54,7 +56,7 @@ def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
         return oracle_model(world_for(mcfg), dtype=dtype)
     if kind == "folder":
         if mcfg.get("path") in (None, "", "???"):
-            raise ValueError(f"model={mcfg.get('name')} needs model.path=/path/to/a/diffusers/folder")
+            raise ConfigError(f"model={mcfg.get('name')} needs model.path=/path/to/a/diffusers/folder")
         return load_model(mcfg["path"], device=device, dtype=dtype, name=mcfg.get("name"))
     raise ValueError(f"unknown model kind {kind!r}; use organism, oracle or folder")
 
@@ -183,6 +185,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     ``cfg['shard'] = "i/n"`` scores only the i-th contiguous block of the prompt set into its own
     shard folder and returns ``{"kind": "detect_shard", ...}``; the shard that completes a set
     merges it (bench/merge.py) into the folder and metrics a single run writes."""
+    check_config("detect", cfg)                     # before any model load
     shard = Shard.parse(cfg.get("shard"))
     t_load = time.perf_counter()
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
