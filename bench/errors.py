@@ -7,7 +7,8 @@ bug and keeps its traceback (exit code 1).
 
     0  success
     1  unexpected error (a bug: please report it with the traceback)
-    2  EXIT_CONFIG        a bad option or config value (NaN guidance, n_gen=0, shard=3/2, a missing model.path, ...)
+    2  EXIT_CONFIG        a bad option or config value (NaN guidance, n_gen=0, shard=3/2, a missing model.path,
+                          a ``_target_`` that cannot be imported or instantiated, ...)
     3  EXIT_INPUT         the prompts or labels given are unusable: prompt file missing / empty / no such column /
                           no valid line, an empty prompt list, or no measured ground truth for the organism's
                           weights (``make groundtruth``); EXIT_NO_GROUNDTRUTH is this code
@@ -39,6 +40,8 @@ class ConfigError(ValueError):
 
 def user_error_code(err: BaseException) -> int | None:
     """The exit code of a user error, or None for anything else (a bug: keep the traceback)."""
+    from hydra.errors import InstantiationException
+
     from bench.calibration import CalibrationError
     from bench.explain import ExplainInputError
     from bench.fbmem import FBMemThresholdError
@@ -48,7 +51,7 @@ def user_error_code(err: BaseException) -> int | None:
     from tasks.groundtruth import GroundTruthError
     from tasks.promptsets import PromptFileError
 
-    table = [(ConfigError, EXIT_CONFIG), (ModelLoadError, EXIT_MODEL), (GroundTruthError, EXIT_INPUT),
+    table = [(ConfigError, EXIT_CONFIG), (InstantiationException, EXIT_CONFIG), (ModelLoadError, EXIT_MODEL), (GroundTruthError, EXIT_INPUT),
              (PromptFileError, EXIT_INPUT), (PromptError, EXIT_INPUT), (ExplainInputError, EXIT_INPUT),
              (CalibrationError, EXIT_CALIBRATION), (FBMemThresholdError, EXIT_CALIBRATION),
              (OutputConflictError, EXIT_OUTPUT_CONFLICT), (ShardSetError, EXIT_OUTPUT_CONFLICT)]

@@ -110,8 +110,9 @@ class DiffusionModel:
             if n > self.max_length:
                 rec = {"index": i, "prompt": prompts[i], "n_tokens": n, "max_length": self.max_length}
                 self.truncations.append(rec)
-                warnings.warn(f"prompt #{i} of this batch ({prompts[i][:60]!r}) has {n} tokens, more than the "
-                              f"tokenizer's {self.max_length}; truncated (recorded in model.truncations)",
+                warnings.warn(f"prompt #{i} has {n} tokens, more than the tokenizer's {self.max_length}; truncated "
+                              f"(#{i}: its position in this call's list, {prompts[i][:50]!r}...; recorded in "
+                              "model.truncations; screening names the file line instead)",
                               PromptTruncationWarning, stacklevel=3)
         enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")

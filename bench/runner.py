@@ -186,6 +186,7 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     shard folder and returns ``{"kind": "detect_shard", ...}``; the shard that completes a set
     merges it (bench/merge.py) into the folder and metrics a single run writes."""
     check_config("detect", cfg)                     # before any model load
+    det = instantiate(cfg["detector"])               # a bad _target_ or argument fails here, before it too
     shard = Shard.parse(cfg.get("shard"))
     t_load = time.perf_counter()
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
@@ -197,7 +198,6 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     ps_all = build_task(cfg["task"], cfg["model"], model)
     ps = ps_all if shard.whole else subset(ps_all, shard.select(len(ps_all)),
                                            f"{ps_all.name}_shard{shard.index}of{shard.count}")
-    det = instantiate(cfg["detector"])
     det_id = cfg["detector"].get("id") or det.name
     seed = int(cfg.get("seed", 0))
     run_cfg = detect_run_config(cfg, ps_all.sha256, model)

@@ -34,13 +34,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.calibration import Calibration, CalibrationError, config_key, resolve, weights_sha256
+from bench.calibration import Calibration, config_key, resolve, weights_sha256
 from bench.errors import ConfigError
 from bench.io import git_info, versions
 from bench.model import PromptTruncationWarning
 from bench.shard import Shard
 from bench.validate import check_config
-from tasks.promptsets import PromptFile, PromptFileError, load_prompt_file
+from tasks.promptsets import PromptFile, load_prompt_file
 
 # the same codes as every command (bench/errors.py)
 EXIT_OK = 0
@@ -385,18 +385,9 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
 
 # ---------------------------------------------------------------------- CLI wrappers (exit codes)
 def cli(command: str, cfg: dict) -> None:
-    """Run a command from Hydra; map known input errors to a clear message and an exit code."""
+    """Run a command from Hydra (bench/cli.py maps its user errors to one line and the EXIT_* codes)."""
     fn = {"screen": run_screen, "calibrate": run_calibrate, "calibrate-check": run_calibrate_check}[command]
-    try:
-        res = fn(cfg)
-    except ScreenConfigError as e:
-        _die(EXIT_CONFIG, e)
-    except PromptFileError as e:
-        _die(EXIT_BAD_FILE, e)
-    except CalibrationError as e:
-        _die(EXIT_CALIBRATION, e)
-    except OutputConflictError as e:
-        _die(EXIT_OUTPUT_CONFLICT, e)
+    res = fn(cfg)
     if isinstance(res, ScreenResult):
         trunc = f", {res.n_truncated} truncated" if res.n_truncated else ""
         print(f"diffmem detect: scored {res.n_scored} prompts, flagged {res.n_flagged}{trunc} -> {res.out}")
@@ -405,8 +396,3 @@ def cli(command: str, cfg: dict) -> None:
                   f"every other line was scored (exit code {res.exit_code})", file=sys.stderr)
         if res.exit_code:
             raise SystemExit(res.exit_code)
-
-
-def _die(code: int, err: Exception) -> None:
-    print(f"diffmem: error: {err}", file=sys.stderr)
-    raise SystemExit(code)

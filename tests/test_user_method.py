@@ -78,3 +78,18 @@ def test_include_that_is_not_a_folder_is_a_config_error(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as e:
         main(["detect", "detector=cond_gap"])
     assert e.value.code == EXIT_CONFIG and "DIFFMEM_INCLUDE" in capsys.readouterr().err
+
+
+def test_a_target_that_cannot_be_imported_is_a_config_error(tmp_path, monkeypatch, capsys):
+    import bench.runner
+    from bench.cli import main
+
+    (tmp_path / "u" / "conf" / "detector").mkdir(parents=True)
+    (tmp_path / "u" / "conf" / "detector" / "nope.yaml").write_text("_target_: no_such_module.Nope\nid: nope\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("DIFFMEM_INCLUDE", str(tmp_path / "u"))
+    monkeypatch.setattr(bench.runner, "build_model", lambda *a, **k: pytest.fail("model loaded first"))
+    with pytest.raises(SystemExit) as e:
+        main(["detect", "detector=nope", f"runs_dir={tmp_path}/runs"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Error locating target 'no_such_module.Nope'" in err and "Traceback" not in err
