@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from bench.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,18 +43,18 @@ class UNetCounter:
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a valid torch device ({e}); use 'cpu' or 'cuda[:i]'") from None
+        raise ConfigError(f"device={device!r} is not a valid torch device ({e}); use 'cpu' or 'cuda[:i]'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
+        raise ConfigError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: only cpu and cuda are supported")
+        raise ConfigError(f"device={device!r}: only cpu and cuda are supported")
     if dev.type == "cpu" and dtype == "float16":
-        raise ValueError("dtype=float16 on the CPU is not supported (slow or missing kernels); "
-                         "use dtype=float32 or dtype=bfloat16, or device=cuda")
+        raise ConfigError("dtype=float16 on the CPU is not supported (slow or missing kernels); "
+                          "use dtype=float32 or dtype=bfloat16, or device=cuda")
     return dev, DTYPES[dtype]
 
 

@@ -27,6 +27,10 @@ from tasks.promptsets import PromptSet
 
 
 # ---------------------------------------------------------------------- model / task
+class NoGPUError(ConfigError, RuntimeError):
+    """hardware=multi_gpu on a machine without a CUDA GPU (a config error, exit code 2)."""
+
+
 PER_SHARD = "cuda:per_shard"   # hardware=multi_gpu: shard i runs on visible GPU i mod n_gpus
 
 
@@ -36,12 +40,12 @@ def shard_device(device: str, shard: Shard | None, n_visible: int | None = None)
     if device != PER_SHARD:
         return device
     if shard is None or shard.whole:
-        raise ValueError(f"device={PER_SHARD} (hardware=multi_gpu) needs a shard: run a multirun over "
-                         "shard=0/N,...,N-1/N with N = number of GPUs (see README 'Running at scale')")
+        raise ConfigError(f"device={PER_SHARD} (hardware=multi_gpu) needs a shard: run a multirun over "
+                          "shard=0/N,...,N-1/N with N = number of GPUs (see README 'Running at scale')")
     n = torch.cuda.device_count() if n_visible is None else n_visible
     if n < 1:
-        raise RuntimeError(f"device={PER_SHARD} (hardware=multi_gpu) but torch sees no CUDA GPU; "
-                           "use hardware=cpu or hardware=gpu")
+        raise NoGPUError(f"device={PER_SHARD} (hardware=multi_gpu) but torch sees no CUDA GPU; "
+                         "use hardware=cpu or hardware=gpu")
     return f"cuda:{shard.index % n}"
 
 
@@ -58,7 +62,7 @@ def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
         if mcfg.get("path") in (None, "", "???"):
             raise ConfigError(f"model={mcfg.get('name')} needs model.path=/path/to/a/diffusers/folder")
         return load_model(mcfg["path"], device=device, dtype=dtype, name=mcfg.get("name"))
-    raise ValueError(f"unknown model kind {kind!r}; use organism, oracle or folder")
+    raise ConfigError(f"unknown model kind {kind!r}; use organism, oracle or folder")
 
 
 def world_for(mcfg: dict | None, model: DiffusionModel | None = None):
@@ -123,7 +127,7 @@ def labels_protocol(ps: PromptSet) -> dict:
 def label_source(tcfg: dict) -> str:
     src = str(tcfg.get("labels", "measured"))
     if src not in LABEL_SOURCES:
-        raise ValueError(f"task.labels={src!r} is not a label source; use one of {list(LABEL_SOURCES)}")
+        raise ConfigError(f"task.labels={src!r} is not a label source; use one of {list(LABEL_SOURCES)}")
     return src
 
 

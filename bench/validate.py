@@ -12,8 +12,8 @@ import math
 
 from bench.errors import ConfigError
 
-# key -> (minimum, nullable). Integers; bools are refused.
-INTS = {"seed": (0, False), "batch_prompts": (1, False), "batch_images": (1, False), "threads": (1, True),
+# key -> (minimum, nullable). Integers; bools are refused. threads: 0 or null = torch's default.
+INTS = {"seed": (0, False), "batch_prompts": (1, False), "batch_images": (1, False), "threads": (0, True),
         "n_seeds": (1, False), "steps": (1, False), "memorized_per_family": (0, False),
         "utility_prompts": (0, False), "split_seed": (0, False), "split_repeats": (1, False)}
 # integer keys of a detector / explainer block

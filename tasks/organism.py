@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.errors import ConfigError
 from bench.model import DiffusionModel, ModelLoadError, assemble, load_model
 from bench.train import TrainConfig, TrainData, train
 from tasks.memworld import MemWorld, MemWorldConfig, build_memworld
@@ -73,7 +74,7 @@ DEFAULT_VERSION = os.environ.get("DIFFMEM_ORGANISM", "v2")
 
 def organism_config(version: str = DEFAULT_VERSION) -> OrganismConfig:
     if version not in ORGANISMS:
-        raise ValueError(f"unknown organism version {version!r}; known: {sorted(ORGANISMS)}")
+        raise ConfigError(f"unknown organism version {version!r}; known: {sorted(ORGANISMS)}")
     return ORGANISMS[version]
 
 

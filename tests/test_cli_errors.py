@@ -139,3 +139,12 @@ def test_test_size_organism_still_builds_implicitly(tmp_path, monkeypatch):
     with pytest.raises(Built) as e:
         org.load_organism(org.small_config())
     assert e.value.args[0].name.startswith("organism-test-")
+
+
+def test_gpu_hardware_without_cuda_is_a_config_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = _cli(capsys, "detect", "hardware=gpu", "model=organism_small", f"runs_dir={tmp_path}/r")
+    assert code == EXIT_CONFIG and "CUDA is not available here; use device=cpu" in _one_line(err)

@@ -36,6 +36,22 @@ def test_shipped_defaults_are_valid(name, tmp_path):
     assert problems_of(name, composed(name, tmp_path)) == []
 
 
+@pytest.mark.parametrize("overrides", [["hardware=gpu"], ["hardware=multi_gpu", "shard=0/2"], ["model=organism_small"],
+                                       ["model=oracle"], ["task=webster500", "model=sd14", "model.path=/x"]])
+def test_shipped_hardware_models_and_tasks_are_valid(overrides, tmp_path):
+    assert problems_of("detect", composed("detect", tmp_path, *overrides)) == []
+
+
+@pytest.mark.parametrize("det", sorted(p.stem for p in (Path(CONF) / "detector").glob("*.yaml")))
+def test_every_shipped_detector_is_valid(det, tmp_path):
+    assert problems_of("detect", composed("detect", tmp_path, f"detector={det}")) == []
+
+
+@pytest.mark.parametrize("mit", sorted(p.stem for p in (Path(CONF) / "mitigator").glob("*.yaml")))
+def test_every_shipped_mitigator_is_valid(mit, tmp_path):
+    assert problems_of("mitigate", composed("mitigate", tmp_path, f"mitigator={mit}")) == []
+
+
 def test_shipped_screen_defaults_are_valid(tmp_path):
     assert problems_of("screen", composed("screen", tmp_path, "prompts=x.jsonl")) == []
 
