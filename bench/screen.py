@@ -8,14 +8,15 @@
 non-strict: a bad line is reported with its line number and every other line is scored), scores the
 prompts in batches with one detector (default nm_n1_k1: first denoising step, one generation) and
 appends ``line, prompt, score, p_value, flag, truncated`` to the output CSV batch by batch
-(``truncated`` = 1 when the prompt had more tokens than the model reads; its file line is named on stderr). Started again with
-the same input and configuration, it skips the lines already written (a row cut short by a kill is
-dropped and rescored), so no prompt is lost or duplicated; a different input or configuration with
-the same output path is refused. ``shard=i/n`` screens the i-th of n contiguous blocks of the
+(``truncated`` = 1: the prompt had more tokens than the model reads; stderr names its file line).
+Started again with the same input and configuration, it skips the lines already written (a row cut
+short by a kill is dropped and rescored), so no prompt is lost or duplicated; a different input or
+configuration with the same output path is refused. ``shard=i/n`` screens the i-th of n contiguous blocks of the
 file's lines into its own output file; ``merge_shards`` joins them back in line order.
 
 Higher score = more memorized; p_value is conformal against the calibration's non-memorized reference
-scores; flag = p_value <= alpha (bench/calibration.py states the guarantee). Exit codes: see EXIT_*.
+scores; flag = p_value <= alpha (bench/calibration.py states the guarantee). Exit codes: EXIT_* below,
+the same as every command's (bench/errors.py).
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ from bench.shard import Shard
 from bench.validate import check_config
 from tasks.promptsets import PromptFile, load_prompt_file
 
-# the same codes as every command (bench/errors.py)
 EXIT_OK = 0
 EXIT_CONFIG = 2              # a bad option (shard=, alpha=, prompts= missing)
 EXIT_BAD_FILE = 3            # the prompt file is missing, empty, has no such column, or no valid line
