@@ -41,10 +41,11 @@ commands:
 your own detectors / mitigators: DIFFMEM_INCLUDE=/path/to/folder (its conf/ joins Hydra's search path,
   the folder joins sys.path), or hydra.searchpath=[file:///path/to/conf] (docs_adding_a_method.md)
 
-exit codes: 0 ok; 1 unexpected error (a bug; traceback); 2 bad option or config value; 3 unusable
-  prompts or labels (prompt file, no ground truth: make groundtruth); 4 calibration missing or for
-  other weights; 5 output holds another run / inconsistent shard set; 6 screening: some lines
-  rejected; 7 model cannot be loaded (missing folder, .bin weights, organism not built: make organism)
+exit codes (bench/errors.py): 0 ok; 1 unexpected error (a bug; traceback) or an unknown config name;
+  2 bad option or config value; 3 unusable prompts or labels (prompt file; no ground truth: make
+  groundtruth); 4 calibration missing or for other weights; 5 output holds another run / inconsistent
+  shard set; 6 screening: some lines rejected; 7 model cannot be loaded (missing folder, .bin weights,
+  organism not built: make organism)
 """
 
 

@@ -6,7 +6,8 @@ weights, an organism that was never built, ...) ends the command with ONE line o
 bug and keeps its traceback (exit code 1).
 
     0  success
-    1  unexpected error (a bug: please report it with the traceback)
+    1  unexpected error (a bug: please report it with the traceback); Hydra also exits 1 when an override
+       names a config that does not exist (``detector=nope``: its message lists the available ones)
     2  EXIT_CONFIG        a bad option or config value (NaN guidance, n_gen=0, shard=3/2, a missing model.path,
                           a ``_target_`` that cannot be imported or instantiated, ...)
     3  EXIT_INPUT         the prompts or labels given are unusable: prompt file missing / empty / no such column /
