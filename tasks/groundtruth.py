@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp.write_text(json.dumps(m, indent=2, default=str))
     tmp.replace(Path(model.path) / MANIFEST)
     print(summ.to_string(index=False))
+    print(f"diffmem groundtruth: {int(df['reproduces'].sum())} of {len(df)} prompts reproduce their training "
+          f"image -> {out / (stem + '.csv')}, labels in {Path(model.path) / MANIFEST}")
 
 
 def _has_tabulate() -> bool:
