@@ -36,6 +36,7 @@ from bench.model import weights_sha256
 from bench.runner import (build_model, build_task, config_id, detect_result, detect_row, detect_run_config,
                           instantiate, labels_protocol, partial_fields)
 from bench.sampling import StepInfo, sample
+from bench.validate import check_config
 
 TIMING = ("apportioned from a fused pass: pass sampling seconds x (this configuration's UNet rows / the pass's "
           "UNet rows) [+ density: similarity seconds of its space x n / N]")
@@ -116,6 +117,8 @@ def run_detect_fused(cfgs: list[dict], *, model=None, progress: bool = True) -> 
         if other != common:
             diff = sorted(k for k in set(other) | set(common) if other.get(k) != common.get(k))
             raise ValueError(f"fused detect configs must differ only in the detector; they differ in {diff}")
+    for c in cfgs:                                  # before any model load
+        check_config("detect-fused", c)
     if common.get("shard"):
         raise ValueError("the fused pass does not shard; run shards with `diffmem detect shard=i/n`")
     cfg = cfgs[0]
@@ -198,6 +201,8 @@ def main(argv: list[str]) -> None:
     if not dets or not dets[0]:
         raise SystemExit("usage: diffmem detect-fused detectors=nm_n32_k50,density_sscd_n32,... [hydra overrides]")
     rest = [a for a in argv if not a.startswith("detectors=")]
-    for m in run_detect_fused(compose([d for d in dets[0].split(",") if d], rest)):
-        print(f"{m['detector']}: AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}  "
-              f"s/prompt {m['seconds_per_prompt']:.3f} (apportioned)", flush=True)
+    cfgs = compose([d for d in dets[0].split(",") if d], rest)
+    for c, m in zip(cfgs, run_detect_fused(cfgs)):
+        print(f"diffmem detect-fused: {m['detector']}: AUC {m['auc']:.3f}  TPR@1%FPR {m['tpr_at_1pct_fpr']:.3f}  "
+              f"s/prompt {m['seconds_per_prompt']:.3f} (apportioned) -> {c.get('runs_dir', 'results/runs')}/{m['run']}",
+              flush=True)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from bench.io import atomic_to_csv, atomic_write_json, device_info, git_info, versions
 from bench.model import DiffusionModel
+from bench.validate import check_config
 
 DEFAULT_ROOT = "results/explain"
 
@@ -91,6 +92,7 @@ def run_explain(cfg: dict, *, model: DiffusionModel | None = None, progress: boo
 
     from bench.shard import Shard
 
+    check_config("explain", cfg)                    # before any model load
     prompts, ids, name, source = resolve_prompts(cfg)
     explainer = instantiate(cfg["explainer"])
     out = Path(cfg.get("out_dir") or Path(cfg.get("root", DEFAULT_ROOT)) / (cfg.get("name") or name))

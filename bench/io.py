@@ -110,7 +110,7 @@ def atomic_to_csv(df: pd.DataFrame, path: str | Path, **to_csv_kwargs) -> Path:
 
 
 # ---------------------------------------------------------------------- exclusive locks
-EXIT_LOCKED = 7        # another process is using the run folder or output file
+from bench.errors import EXIT_LOCKED  # noqa: E402,F401 (8: another process is using the run folder or output)
 _HELD: dict[str, tuple[int, object]] = {}   # lock file -> (pid, FileLock) held by this process
 
 

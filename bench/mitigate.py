@@ -28,6 +28,7 @@ from bench.io import RunFolder, config_hash, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
 from bench.runner import build_model, config_id, instantiate, model_key, world_for
 from bench.shard import Shard
+from bench.validate import check_config
 
 MEMORIZED_FAMILIES = ("MV", "RV", "TV", "FG", "BG")
 UTILITY_GROUPS = ("ordinary_seen", "ordinary_unseen")
@@ -50,6 +51,7 @@ def _strengths(mcfg: dict) -> list[float]:
 
 @releases_locks
 def run_mitigate(cfg: dict, *, model=None, judge=None, progress: bool = True) -> list[dict]:
+    check_config("mitigate", cfg)                   # before any model load
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
     t0 = time.perf_counter()
     shard = Shard.parse(cfg.get("shard"))

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from bench.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,18 +43,18 @@ class UNetCounter:
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a valid torch device ({e}); use 'cpu' or 'cuda[:i]'") from None
+        raise ConfigError(f"device={device!r} is not a valid torch device ({e}); use 'cpu' or 'cuda[:i]'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
+        raise ConfigError(f"device={device!r} requested but CUDA is not available here; use device=cpu")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: only cpu and cuda are supported")
+        raise ConfigError(f"device={device!r}: only cpu and cuda are supported")
     if dev.type == "cpu" and dtype == "float16":
-        raise ValueError("dtype=float16 on the CPU is not supported (slow or missing kernels); "
-                         "use dtype=float32 or dtype=bfloat16, or device=cuda")
+        raise ConfigError("dtype=float16 on the CPU is not supported (slow or missing kernels); "
+                          "use dtype=float32 or dtype=bfloat16, or device=cuda")
     return dev, DTYPES[dtype]
 
 
@@ -106,17 +108,21 @@ class DiffusionModel:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise PromptError(f"prompt #{i} is {type(p).__name__} ({p!r}), not a string")
-        full = self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]
-        for i, ids in enumerate(full):
-            if len(ids) > self.max_length:
-                rec = {"index": i, "prompt": prompts[i], "n_tokens": len(ids), "max_length": self.max_length}
+        for i, n in enumerate(self.token_counts(prompts)):
+            if n > self.max_length:
+                rec = {"index": i, "prompt": prompts[i], "n_tokens": n, "max_length": self.max_length}
                 self.truncations.append(rec)
-                warnings.warn(f"prompt #{i} has {len(ids)} tokens, more than the tokenizer's "
-                              f"{self.max_length}; truncated (recorded in model.truncations)",
+                warnings.warn(f"prompt #{i} has {n} tokens, more than the tokenizer's {self.max_length}; truncated "
+                              f"(#{i}: its position in this call's list, {prompts[i][:50]!r}...; recorded in "
+                              "model.truncations; screening names the file line instead)",
                               PromptTruncationWarning, stacklevel=3)
         enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt before truncation (special tokens included); > ``max_length`` = truncated."""
+        return [len(ids) for ids in self.tokenizer(list(prompts), padding=False, truncation=False)["input_ids"]]
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder output [B, L, D]; "" gives the unconditional embedding e_empty."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 NUMERIC = ("score", "seed", "label", "label_planted", "seconds", "unet_evals")
-EXIT_BAD_ROWS = 8            # exit code of a command refused for bad rows (bench/cli.py)
+from bench.errors import EXIT_BAD_ROWS  # noqa: E402,F401 (9: a command refused for bad rows)
 REJECTED = "per_prompt.rejected.csv"
 REPAIR_HINT = ("run the same command again with repair=true, or `diffmem repair {folder}`: the bad rows move to "
                "{folder}/" + REJECTED + " and resume scores only their prompts again")

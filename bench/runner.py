@@ -17,15 +17,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from bench.errors import ConfigError
 from bench.io import RunFolder, rebuild_leaderboard, releases_locks
 from bench.merge import merge_runs_dir, shard_entry
 from bench.metrics import detection_metrics, roc_auc
 from bench.model import DiffusionModel, load_model, weights_sha256
 from bench.shard import Shard
+from bench.validate import check_config
 from tasks.promptsets import PromptSet
 
 
 # ---------------------------------------------------------------------- model / task
+class NoGPUError(ConfigError, RuntimeError):
+    """hardware=multi_gpu on a machine without a CUDA GPU (a config error, exit code 2)."""
+
+
 PER_SHARD = "cuda:per_shard"   # hardware=multi_gpu: shard i runs on visible GPU i mod n_gpus
 
 
@@ -35,12 +41,12 @@ def shard_device(device: str, shard: Shard | None, n_visible: int | None = None)
     if device != PER_SHARD:
         return device
     if shard is None or shard.whole:
-        raise ValueError(f"device={PER_SHARD} (hardware=multi_gpu) needs a shard: run a multirun over "
-                         "shard=0/N,...,N-1/N with N = number of GPUs (see README 'Running at scale')")
+        raise ConfigError(f"device={PER_SHARD} (hardware=multi_gpu) needs a shard: run a multirun over "
+                          "shard=0/N,...,N-1/N with N = number of GPUs (see README 'Running at scale')")
     n = torch.cuda.device_count() if n_visible is None else n_visible
     if n < 1:
-        raise RuntimeError(f"device={PER_SHARD} (hardware=multi_gpu) but torch sees no CUDA GPU; "
-                           "use hardware=cpu or hardware=gpu")
+        raise NoGPUError(f"device={PER_SHARD} (hardware=multi_gpu) but torch sees no CUDA GPU; "
+                         "use hardware=cpu or hardware=gpu")
     return f"cuda:{shard.index % n}"
 
 
@@ -55,9 +61,9 @@ def build_model(mcfg: dict, shard: Shard | None = None) -> DiffusionModel:
         return oracle_model(world_for(mcfg), dtype=dtype)
     if kind == "folder":
         if mcfg.get("path") in (None, "", "???"):
-            raise ValueError(f"model={mcfg.get('name')} needs model.path=/path/to/a/diffusers/folder")
+            raise ConfigError(f"model={mcfg.get('name')} needs model.path=/path/to/a/diffusers/folder")
         return load_model(mcfg["path"], device=device, dtype=dtype, name=mcfg.get("name"))
-    raise ValueError(f"unknown model kind {kind!r}; use organism, oracle or folder")
+    raise ConfigError(f"unknown model kind {kind!r}; use organism, oracle or folder")
 
 
 def world_for(mcfg: dict | None, model: DiffusionModel | None = None):
@@ -122,7 +128,7 @@ def labels_protocol(ps: PromptSet) -> dict:
 def label_source(tcfg: dict) -> str:
     src = str(tcfg.get("labels", "measured"))
     if src not in LABEL_SOURCES:
-        raise ValueError(f"task.labels={src!r} is not a label source; use one of {list(LABEL_SOURCES)}")
+        raise ConfigError(f"task.labels={src!r} is not a label source; use one of {list(LABEL_SOURCES)}")
     return src
 
 
@@ -182,10 +188,12 @@ def config_id(group: str, ccfg: dict, conf_dir: str | Path | None = None) -> str
     from omegaconf import OmegaConf
 
     cid = ccfg.get("id")
-    f = Path(conf_dir or Path(__file__).resolve().parents[1] / "conf") / group / f"{cid}.yaml"
-    if not cid or not f.is_file():
+    if not cid:
         return cid
-    reg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+    reg = _registered(Path(conf_dir or Path(__file__).resolve().parents[1] / "conf") / group, cid,
+                      ccfg.get("_target_"))
+    if reg is None:
+        return cid
     skipped = {k for k, v in reg.items() if isinstance(v, str) and "${" in v}   # interpolations: resolved elsewhere
     reg = {k: v for k, v in reg.items() if k not in skipped}
 
@@ -197,6 +205,21 @@ def config_id(group: str, ccfg: dict, conf_dir: str | Path | None = None) -> str
     diff = [f"{k}={fmt(ccfg.get(k))}" for k in sorted(set(reg) | (set(ccfg) - set(skipped)))
             if k not in SWEPT and (k not in ccfg or k not in reg or _differs(reg[k], ccfg[k]))]
     return f"{cid}[{','.join(diff)}]" if diff else cid
+
+
+def _registered(group_dir: Path, cid: str, target: str | None) -> dict | None:
+    """The registered YAML of id ``cid`` in ``group_dir``: ``<cid>.yaml``, or a file whose ``id:`` is ``cid``
+    with the same ``_target_`` (``train_none.yaml`` registers the fine-tuning protocol's ``none``)."""
+    from omegaconf import OmegaConf
+
+    found = []
+    files = sorted(group_dir.glob("*.yaml"), key=lambda f: f.stem != cid)     # <cid>.yaml first
+    for f in files:
+        reg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+        if isinstance(reg, dict) and reg.get("id", f.stem) == cid:
+            found.append(reg)
+    same = [r for r in found if r.get("_target_") == target]
+    return (same or found or [None])[0]
 
 
 def _differs(a, b) -> bool:
@@ -238,6 +261,8 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     ``cfg['shard'] = "i/n"`` scores only the i-th contiguous block of the prompt set into its own
     shard folder and returns ``{"kind": "detect_shard", ...}``; the shard that completes a set
     merges it (bench/merge.py) into the folder and metrics a single run writes."""
+    check_config("detect", cfg)                     # before any model load
+    det = instantiate(cfg["detector"])               # a bad _target_ or argument fails here, before it too
     shard = Shard.parse(cfg.get("shard"))
     t_load = time.perf_counter()
     torch.set_num_threads(int(cfg.get("threads") or torch.get_num_threads()))
@@ -250,7 +275,6 @@ def run_detect(cfg: dict, *, model: DiffusionModel | None = None, progress: bool
     ps_all = build_task(cfg["task"], cfg["model"], model, weights)
     ps = ps_all if shard.whole else subset(ps_all, shard.select(len(ps_all)),
                                            f"{ps_all.name}_shard{shard.index}of{shard.count}")
-    det = instantiate(cfg["detector"])
     det_id = config_id("detector", cfg["detector"]) or det.name
     seed = int(cfg.get("seed", 0))
     run_cfg = detect_run_config(cfg, ps_all.sha256, model, weights)

@@ -7,14 +7,16 @@
 ``run_screen(cfg)`` reads a JSONL / CSV / TSV / TXT / parquet file (``tasks.promptsets.load_prompt_file``,
 non-strict: a bad line is reported with its line number and every other line is scored), scores the
 prompts in batches with one detector (default nm_n1_k1: first denoising step, one generation) and
-appends ``line, prompt, score, p_value, flag`` to the output CSV batch by batch. Started again with
-the same input and configuration, it skips the lines already written (a row cut short by a kill is
-dropped and rescored), so no prompt is lost or duplicated; a different input or configuration with
-the same output path is refused. ``shard=i/n`` screens the i-th of n contiguous blocks of the
+appends ``line, prompt, score, p_value, flag, truncated`` to the output CSV batch by batch
+(``truncated`` = 1: the prompt had more tokens than the model reads; stderr names its file line).
+Started again with the same input and configuration, it skips the lines already written (a row cut
+short by a kill is dropped and rescored), so no prompt is lost or duplicated; a different input or
+configuration with the same output path is refused. ``shard=i/n`` screens the i-th of n contiguous blocks of the
 file's lines into its own output file; ``merge_shards`` joins them back in line order.
 
 Higher score = more memorized; p_value is conformal against the calibration's non-memorized reference
-scores; flag = p_value <= alpha (bench/calibration.py states the guarantee). Exit codes: see EXIT_*.
+scores; flag = p_value <= alpha (bench/calibration.py states the guarantee). Exit codes: EXIT_* below,
+the same as every command's (bench/errors.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import io
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +35,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.calibration import Calibration, CalibrationError, config_key, resolve, weights_sha256
-from bench.io import (EXIT_LOCKED, RunLockedError, acquire_lock, atomic_to_csv, atomic_write_json,
-                      atomic_write_text, git_info, release_lock, versions)
+from bench.calibration import Calibration, config_key, resolve, weights_sha256
+from bench.errors import ConfigError
+from bench.io import acquire_lock, atomic_to_csv, atomic_write_json, atomic_write_text, git_info, release_lock, versions
+from bench.model import PromptTruncationWarning
 from bench.shard import Shard
-from tasks.promptsets import PromptFile, PromptFileError, load_prompt_file
+from bench.validate import check_config
+from tasks.promptsets import PromptFile, load_prompt_file
 
 EXIT_OK = 0
 EXIT_CONFIG = 2              # a bad option (shard=, alpha=, prompts= missing)
@@ -44,11 +49,12 @@ EXIT_BAD_FILE = 3            # the prompt file is missing, empty, has no such co
 EXIT_CALIBRATION = 4         # no calibration, or one made for another detector configuration / model
 EXIT_OUTPUT_CONFLICT = 5     # the output path holds a run of another input or configuration
 EXIT_LINES_REJECTED = 6      # every good line was scored, but some lines were rejected (see *.rejected.csv)
-# EXIT_LOCKED = 7 (bench.io): another process is screening into the same output file
-COLUMNS = ["line", "prompt", "score", "p_value", "flag"]
+# EXIT_LOCKED = 8 (bench/errors.py): another process is screening into the same output file
+COLUMNS = ["line", "prompt", "score", "p_value", "flag", "truncated"]
+LEGACY_COLUMNS = COLUMNS[:5]  # outputs written before the truncated column; resumed and rewritten with it empty
 
 
-class ScreenConfigError(ValueError):
+class ScreenConfigError(ConfigError):
     """An option of ``diffmem detect prompts=...`` is unusable."""
 
 
@@ -65,6 +71,7 @@ class ScreenResult:
     n_rejected: int          # rejected lines of this shard
     n_flagged: int
     exit_code: int
+    n_truncated: int = 0     # rows of this shard whose prompt was cut to the model's max_length
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,9 @@ def read_done(out: Path, wanted: set[int]) -> dict[int, dict]:
     rows, bad = {}, complete != text
     reader = csv.reader(io.StringIO(complete, newline=""))
     header = next(reader, None)
-    if header != COLUMNS:
+    if header == LEGACY_COLUMNS:              # an older output: keep its rows, add the column (unknown: empty)
+        reader, bad = (rec + [""] if len(rec) == len(LEGACY_COLUMNS) else rec for rec in reader), True
+    elif header != COLUMNS:
         raise OutputConflictError(f"{out} exists but is not a screening output (header {header}); "
                                   "pass another out= or delete it")
     for rec in reader:
@@ -186,6 +195,7 @@ def _identity(cfg: dict, prompts: Path, pf: PromptFile, s: Setup, cal: Calibrati
 
 # ---------------------------------------------------------------------- screening
 def run_screen(cfg: dict, *, model=None, progress: bool = True) -> ScreenResult:
+    check_config("screen", cfg)                     # before any model load
     prompts = _required_prompts(cfg)
     try:
         shard = Shard.parse(cfg.get("shard"))
@@ -252,9 +262,14 @@ def _screen(cfg: dict, prompts: Path, pf: PromptFile, mine: set[int], s: Setup, 
     bar = tqdm(total=len(todo_all), initial=len(todo_all) - len(todo), desc=f"screen {s.detector_id}",
                disable=not progress)
     rows0, t0 = s.model.counter.rows, time.perf_counter()
+    n_trunc = 0
     for b0 in range(0, len(todo), bs):
         batch = todo[b0:b0 + bs]
-        scores = np.asarray(s.detector.score(s.model, [p for _, p in batch], seed=s.seed), dtype=np.float64)
+        trunc = truncated_lines(s.model, batch, prompts, out, shown=n_trunc)
+        n_trunc += sum(trunc)
+        with warnings.catch_warnings():     # named above by file line, not by position in the batch
+            warnings.simplefilter("ignore", PromptTruncationWarning)
+            scores = np.asarray(s.detector.score(s.model, [p for _, p in batch], seed=s.seed), dtype=np.float64)
         if scores.shape != (len(batch),) or not np.isfinite(scores).all():
             raise FloatingPointError(f"detector {s.detector_id} returned {scores.shape} scores, "
                                      f"{int((~np.isfinite(scores)).sum())} non-finite, for lines "
@@ -263,18 +278,37 @@ def _screen(cfg: dict, prompts: Path, pf: PromptFile, mine: set[int], s: Setup, 
         fl = cal.flags(pv, alpha) if cal else None
         _write_rows(out, [{"line": no, "prompt": p, "score": repr(float(sc)),
                            "p_value": "" if pv is None else repr(float(pv[k])),
-                           "flag": "" if fl is None else int(fl[k])}
+                           "flag": "" if fl is None else int(fl[k]), "truncated": int(trunc[k])}
                           for k, ((no, p), sc) in enumerate(zip(batch, scores))])
         bar.update(len(batch))
     bar.close()
     df = read_output(out)
     n_flagged = int(pd.to_numeric(df["flag"], errors="coerce").fillna(0).sum())
+    n_truncated = int(pd.to_numeric(df["truncated"], errors="coerce").fillna(0).sum())
+    if n_trunc > TRUNCATION_SHOWN:
+        print(f"... {n_trunc - TRUNCATION_SHOWN} more truncated prompts (truncated=1 in {out})", file=sys.stderr)
     man.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_scored": len(df), "n_flagged": n_flagged,
+                "n_truncated": n_truncated, "max_length": s.model.max_length,
                 "seconds_scoring_this_session": time.perf_counter() - t0,
                 "unet_evals_per_prompt_this_session": (s.model.counter.rows - rows0) / max(1, len(todo))})
     atomic_write_json(man_path, man)
     code = EXIT_LINES_REJECTED if rejected else EXIT_OK
-    return ScreenResult(out, rej_path, man_path, len(df), len(rejected), n_flagged, code)
+    return ScreenResult(out, rej_path, man_path, len(df), len(rejected), n_flagged, code, n_truncated)
+
+
+TRUNCATION_SHOWN = 10    # truncated lines named on stderr per session (all are in the output's column)
+
+
+def truncated_lines(model, batch: list[tuple[int, str]], prompts: Path, out: Path, *, shown: int = 0) -> list[bool]:
+    """Per (line, prompt) of ``batch``: does the model's tokenizer cut it? Names the file's line on stderr."""
+    counts = model.token_counts([p for _, p in batch])
+    cut = [n > model.max_length for n in counts]
+    for (no, _), n, c in zip(batch, counts, cut):
+        if c and shown < TRUNCATION_SHOWN:
+            shown += 1
+            print(f"{prompts}, line {no}: {n} tokens, more than the model's {model.max_length}; the prompt was "
+                  f"truncated (truncated=1 in {out})", file=sys.stderr)
+    return cut
 
 
 def read_output(out: str | Path) -> pd.DataFrame:
@@ -296,6 +330,7 @@ def run_calibrate(cfg: dict, *, model=None, progress: bool = True) -> Path:
     reference line is an error) and save the calibration of this model + detector + seed."""
     from bench.calibration import calibrate, default_path
 
+    check_config("calibrate", cfg)                  # before any model load
     prompts = _required_prompts(cfg)
     pf = load_prompt_file(prompts, cfg.get("column", "prompt"), cfg.get("format"), strict=True)
     s = setup(cfg, model)
@@ -318,10 +353,11 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
     from bench.calibration import calibrate, default_path, heldout_check, repeated_splits
     from bench.runner import PLANTED_NOT_LEARNED, build_task
 
-    s = setup(cfg, model)
+    check_config("calibrate-check", cfg)            # before any model load
     if cfg["model"].get("kind") != "organism":
         raise ScreenConfigError("calibrate-check needs the organism's labelled evaluation prompts; for another "
                                 "model run `diffmem calibrate prompts=<your non-memorized reference file>`")
+    s = setup(cfg, model)
     labels = str(cfg.get("labels", "measured"))      # measured: the ground truth of these weights
     ps = build_task({"name": "organism", "source": "organism", "labels": labels}, cfg["model"], s.model)
     bs = int(cfg.get("batch_prompts", 64))
@@ -372,29 +408,14 @@ def run_calibrate_check(cfg: dict, *, model=None, progress: bool = True) -> dict
 
 # ---------------------------------------------------------------------- CLI wrappers (exit codes)
 def cli(command: str, cfg: dict) -> None:
-    """Run a command from Hydra; map known input errors to a clear message and an exit code."""
+    """Run a command from Hydra (bench/cli.py maps its user errors to one line and the EXIT_* codes)."""
     fn = {"screen": run_screen, "calibrate": run_calibrate, "calibrate-check": run_calibrate_check}[command]
-    try:
-        res = fn(cfg)
-    except ScreenConfigError as e:
-        _die(EXIT_CONFIG, e)
-    except PromptFileError as e:
-        _die(EXIT_BAD_FILE, e)
-    except CalibrationError as e:
-        _die(EXIT_CALIBRATION, e)
-    except OutputConflictError as e:
-        _die(EXIT_OUTPUT_CONFLICT, e)
-    except RunLockedError as e:
-        _die(EXIT_LOCKED, e)
+    res = fn(cfg)
     if isinstance(res, ScreenResult):
-        print(f"scored {res.n_scored} prompts, flagged {res.n_flagged} -> {res.out}")
+        trunc = f", {res.n_truncated} truncated" if res.n_truncated else ""
+        print(f"diffmem detect: scored {res.n_scored} prompts, flagged {res.n_flagged}{trunc} -> {res.out}")
         if res.n_rejected:
             print(f"diffmem detect: {res.n_rejected} line(s) rejected, listed in {res.rejected_file}; "
                   f"every other line was scored (exit code {res.exit_code})", file=sys.stderr)
         if res.exit_code:
             raise SystemExit(res.exit_code)
-
-
-def _die(code: int, err: Exception) -> None:
-    print(f"diffmem: error: {err}", file=sys.stderr)
-    raise SystemExit(code)

@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     m = manifest(df, thr, world, weights_sha256(model), time.perf_counter() - t0, summ)
     atomic_write_json(Path(model.path) / MANIFEST, m, sort_keys=False)
     print(summ.to_string(index=False))
+    print(f"diffmem groundtruth: {int(df['reproduces'].sum())} of {len(df)} prompts reproduce their training "
+          f"image -> {out / (stem + '.csv')}, labels in {Path(model.path) / MANIFEST}")
 
 
 def _has_tabulate() -> bool:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.model import DiffusionModel, assemble, load_model
+from bench.errors import ConfigError
+from bench.model import DiffusionModel, ModelLoadError, assemble, load_model
 from bench.train import TrainConfig, TrainData, train
 from tasks.memworld import MemWorld, MemWorldConfig, build_memworld
 
@@ -73,7 +74,7 @@ DEFAULT_VERSION = os.environ.get("DIFFMEM_ORGANISM", "v2")
 
 def organism_config(version: str = DEFAULT_VERSION) -> OrganismConfig:
     if version not in ORGANISMS:
-        raise ValueError(f"unknown organism version {version!r}; known: {sorted(ORGANISMS)}")
+        raise ConfigError(f"unknown organism version {version!r}; known: {sorted(ORGANISMS)}")
     return ORGANISMS[version]
 
 
@@ -166,14 +167,28 @@ def default_dir(cfg: OrganismConfig | None = None) -> Path:
     return cache / f"organism-{cfg.version}-{cfg.hash}"
 
 
+class OrganismMissingError(ModelLoadError):
+    """An organism version that is not built; the message says how to build it explicitly."""
+
+
 def load_organism(cfg: OrganismConfig | None = None, *, device="cpu", dtype="float32",
-                  build_if_missing: bool = True) -> DiffusionModel:
+                  build_if_missing: bool | None = None) -> DiffusionModel:
+    """Load a built organism. A missing one is never trained implicitly (a real version takes about
+    40 minutes): ``OrganismMissingError`` says which ``make organism`` to run. Only the test-size
+    organism (``small_config``, version "test", seconds to train) is built when missing, unless
+    ``build_if_missing`` says otherwise."""
     cfg = cfg or organism_config()
     d = default_dir(cfg)
     if not (d / "diffmem.json").is_file():
-        if not build_if_missing:
-            raise FileNotFoundError(f"no organism at {d}; run `make organism` to build it")
-        print(f"[diffmem] organism not found at {d}: building it (about 40 minutes on 2 CPU cores)")
+        if not (cfg.version == "test" if build_if_missing is None else build_if_missing):
+            committed = ARTIFACT_DIR / f"organism-{cfg.version}"
+            where = str(d) if d == committed else f"{committed} and {d}"
+            raise OrganismMissingError(
+                f"organism-{cfg.version} is not built (looked in {where}); building it trains for "
+                f"about 40 minutes on 2 CPU cores, so it is never done implicitly: run `make organism "
+                f"ORGANISM_VERSION={cfg.version}` (or `diffmem organism --version {cfg.version}`) first, "
+                f"or use the committed organism (unset DIFFMEM_ORGANISM or model.version=v2)")
+        print(f"[diffmem] test-size organism not found at {d}: building it (seconds)")
         build(cfg, d, with_clip=cfg.version != "test")
     return load_model(d, device=device, dtype=dtype, name=f"organism-{cfg.version}")
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CHECKSUM_FILE = "checksums.sha256"
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "txt", ".parquet": "parquet"}
-AUTO_COLUMNS = ("prompt", "caption", "text")  # column=None: first present, case-insensitive
+AUTO_COLUMNS = ("prompt", "caption", "text")  # column=null (None): first present, case-insensitive
 
 
 class PromptFileError(ValueError):
@@ -122,8 +122,8 @@ def load_prompt_file(path: str | Path, column: str | None = "prompt", fmt: str |
     path = Path(path)
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt not in FORMATS.values():
-        raise PromptFileError(f"{path}: unknown format (suffix {path.suffix!r}, fmt={fmt!r}); "
-                              f"use a suffix in {sorted(FORMATS)} or pass fmt=")
+        raise PromptFileError(f"{path}: unknown format (suffix {path.suffix!r}, format={fmt or 'null'}); "
+                              f"use a suffix in {sorted(FORMATS)} or pass format=<{'|'.join(sorted(set(FORMATS.values())))}>")
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path} (resolved: {path.resolve()})")
     errors: list[tuple[int, str]] = []
@@ -223,7 +223,7 @@ def _resolve_column(records: list[dict[str, Any]], column: str | None, path: Pat
                                   f"; available columns: {available}; pass column=")
     elif not any(column in r for r in records):
         raise PromptFileError(f"{path}: column {column!r} not found; available columns {available};"
-                              " pass column=<name>, or column=None to pick prompt/caption/text")
+                              " pass column=<name>, or column=null to pick prompt/caption/text")
     return column
 
 

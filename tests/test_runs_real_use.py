@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
+from bench.cli import _guarded
 from bench.runner import run_detect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,8 +163,8 @@ def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_hol
     p = hold(tmp_path / "out.csv.lock")
     try:
         with pytest.raises(SystemExit) as e:
-            cli("screen", c)
-        assert e.value.code == 7 and not out.exists()                # bench.io.EXIT_LOCKED
+            _guarded("detect", cli, "screen", c)                      # as `diffmem detect prompts=...` runs it
+        assert e.value.code == 8 and not out.exists()                # bench.errors.EXIT_LOCKED
         assert f"pid {p.pid}" in capsys.readouterr().err
     finally:
         p.communicate("")
@@ -295,6 +296,7 @@ def test_a_corrupted_row_is_named_and_only_it_is_rescored(kind, how, tmp_path, s
 
 def test_cli_exits_with_one_message_for_bad_rows_and_for_a_locked_run(tmp_path, small_organism, capsys):
     from bench.cli import main
+    from bench.errors import EXIT_BAD_ROWS, EXIT_LOCKED
 
     args = ["detect", "model=organism_small", "task.labels=planted", "task.max_per_group=1", "detector=nm_n1_k1",
             f"runs_dir={tmp_path}/runs", "leaderboard=null", "hardware.threads=1"]
@@ -304,11 +306,11 @@ def test_cli_exits_with_one_message_for_bad_rows_and_for_a_locked_run(tmp_path, 
     with pytest.raises(SystemExit) as e:
         main(args)
     err = capsys.readouterr().err
-    assert e.value.code == 8 and f"{f}: 1 bad row(s): line " in err and "Traceback" not in err
+    assert e.value.code == EXIT_BAD_ROWS == 9 and f"{f}: 1 bad row(s): line " in err and "Traceback" not in err
     p = hold(f.parent / ".lock")
     try:
         with pytest.raises(SystemExit) as e:
             main(args)
-        assert e.value.code == 7 and f"pid {p.pid}" in capsys.readouterr().err
+        assert e.value.code == EXIT_LOCKED == 8 and f"pid {p.pid}" in capsys.readouterr().err
     finally:
         p.communicate("")

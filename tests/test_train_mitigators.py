@@ -275,5 +275,6 @@ def test_inference_mitigators_run_on_the_plain_finetune(small_organism, cache, t
     none = run_finetune_mitigate(cfg, mitigator_conf("train_none"), model=small_organism, judge=FakeJudge())
     nc = run_finetune_mitigate(cfg, {**mitigator_conf("nemo_c"), "tau_mem": 0.0, "n_seeds": 2},
                                model=small_organism, judge=FakeJudge())
-    assert nc[0]["mitigator"] == "nemo_c" and nc[0]["protocol_hash"] == none[0]["protocol_hash"]
+    # an overridden configuration is named by its difference (issue 16), never by the registered id
+    assert nc[0]["mitigator"] == "nemo_c[n_seeds=2,tau_mem=0]" and nc[0]["protocol_hash"] == none[0]["protocol_hash"]
     assert nc[0]["train_cost_ratio"] == 1 and json.loads(nc[0]["params"])["applied_to"].startswith("plain")
