@@ -21,7 +21,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.cli import _guarded
 from bench.runner import run_detect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +161,7 @@ def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_hol
     c = cfg_for(tmp_path, f"prompts={f}", f"out={out}", name="screen")
     p = hold(tmp_path / "out.csv.lock")
     try:
+        from bench.cli import _guarded
         with pytest.raises(SystemExit) as e:
             _guarded("detect", cli, "screen", c)                      # as `diffmem detect prompts=...` runs it
         assert e.value.code == 8 and not out.exists()                # bench.errors.EXIT_LOCKED
