@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.runner import run_detect
+from bench.run.runner import run_detect
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 GROUPS = ["model", "task", "detector", "hardware"]
@@ -32,13 +32,13 @@ def test_every_config_composes(group, tmp_path):
 
 
 def test_sd_model_without_path_is_a_clear_error(tmp_path):
-    from bench.runner import build_model
+    from bench.run.runner import build_model
 
     c = cfg_for(tmp_path, "model=sd14", f"model.path={tmp_path}/nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(c["model"])
     with pytest.raises(ValueError, match="model.path"):
-        build_model({"kind": "folder", "name": "sd14", "path": "???"})
+        build_model({"_target_": "bench.core.model.load_folder", "kind": "folder", "name": "sd14", "path": "???"})
 
 
 def test_run_detect_writes_run_folder_and_leaderboard(tmp_path, small_organism):
