@@ -22,6 +22,7 @@ DETECT_EXTRA ?= nm_n4_k50,nm_n32_k10,nm_n32_k50,density_pixel_n16,density_pixel_
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "layout: engine bench/ (contracts.py core/ measure/ run/ report/, cli.py); methods baselines/; worlds tasks/; studies tasks/studies/ (README 'Layout')"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 1; }
@@ -54,14 +55,14 @@ fbmem-study: $(STAMP)  ## FB-Mem study: every other mitigator on the plain fine-
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.finetune_mitigate run --mitigators train_none,$(STUDY_GRID) --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
-finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes (bench-mitigate builds missing ones too)
+finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes (bench-mitigate builds missing ones too); tasks/studies/finetune_mitigate.py
 	OMP_NUM_THREADS=1 $(BIN)/python -m tasks.studies.finetune_mitigate build --threads 1
 
-bench-mitigate-train: $(STAMP)  ## training-time mitigators only (fine-tune protocol; builds missing fine-tunes first)
+bench-mitigate-train: $(STAMP)  ## training-time mitigators only (fine-tune protocol; builds missing fine-tunes first); tasks/studies/finetune_mitigate.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.finetune_mitigate run --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
-bench-speed: $(STAMP)  ## detection speed vs its cost floor (bare UNet + text encoder), naive and density -> results/speed.csv + plots/speed.png
+bench-speed: $(STAMP)  ## detection speed vs its cost floor (bare UNet + text encoder), naive and density -> results/speed.csv + plots/speed.png; tasks/studies/speed.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.speed --threads $(THREADS)
 
 leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
@@ -70,23 +71,23 @@ leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
 organism: $(STAMP)  ## rebuild the organism from its seed (ORGANISM_VERSION=v1|v2|v2-clip; about 45-50 min on 2 CPU cores)
 	$(BIN)/diffmem organism --version $(ORGANISM_VERSION) --threads $(THREADS)
 
-groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth_<version>.csv
+groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth_<version>.csv; tasks/studies/groundtruth.py
 	$(BIN)/diffmem groundtruth --version $(ORGANISM_VERSION)
 
 organisms: $(STAMP)  ## rebuild both text-encoder variants of the default world (v2: frozen MiniLM, v2-clip: CLIPTextModel from scratch; about 95 min)
 	$(BIN)/diffmem organism --version v2 --threads $(THREADS)
 	$(BIN)/diffmem organism --version v2-clip --threads $(THREADS)
 
-organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}
+organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}; tasks/studies/organism_compare.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.organism_compare --threads $(THREADS)
 
-explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study_<version>.{csv,md} + plots/
+explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study_<version>.{csv,md} + plots/; tasks/studies/explain_study.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.explain_study --threads $(THREADS)
 
-nemo-study: $(STAMP)  ## NeMo neuron localisation on the organism, own vs random neurons per family -> results/nemo_localisation.{csv,md}
+nemo-study: $(STAMP)  ## NeMo neuron localisation on the organism, own vs random neurons per family -> results/nemo_localisation.{csv,md}; tasks/studies/nemo_study.py
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.nemo_study --threads $(THREADS)
 
-bench-faiss: $(STAMP)  ## FAISS IVF-PQ at 1M synthetic 512-d vectors: build/query time, recall@10, peak RSS -> results/faiss_scale.csv
+bench-faiss: $(STAMP)  ## FAISS IVF-PQ at 1M synthetic 512-d vectors: build/query time, recall@10, peak RSS -> results/faiss_scale.csv; tasks/studies/faiss_scale.py
 	$(BIN)/python -m tasks.studies.faiss_scale --threads $(THREADS)
 
 report: $(STAMP)  ## one static HTML page over results/ -> results/report.html
