@@ -82,7 +82,7 @@ def layer_violations(root: Path = ROOT) -> list[str]:
             if layer(t) in FORBIDDEN[layer(m)]:
                 bad.append(f"{modules[m].relative_to(root)}:{line}: {m} ({layer(m)}) imports {t} ({layer(t)}): "
                            f"the {layer(m)} may not import the {layer(t)}")
-    return bad
+    return list(dict.fromkeys(bad))              # one line per import statement and target
 
 
 def cycles(root: Path = ROOT) -> list[list[str]]:
