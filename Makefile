@@ -14,7 +14,7 @@ MITIGATE_GRID ?= none,rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
 FINETUNE_GRID ?= train_none,train_filter,train_random_token,train_cluster_augment
 # the FB-Mem study adds every other mitigator, applied to the plain fine-tune (the only model with a memorized FG family)
 STUDY_GRID ?= rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
-# the rest of Wen's Table-1 grid and the density n in {16, 32}: one fused sampling pass (bench/detect_fused.py);
+# the rest of Wen's Table-1 grid and the density n in {16, 32}: one fused sampling pass (bench/run/detect_fused.py);
 # density_sscd_n4 keeps its plain, timed run (make bench-detect DETECT_GRID=density_sscd_n4)
 DETECT_EXTRA ?= nm_n4_k50,nm_n32_k10,nm_n32_k50,density_pixel_n16,density_pixel_n32,density_sscd_n16,density_sscd_n32
 
@@ -22,6 +22,7 @@ DETECT_EXTRA ?= nm_n4_k50,nm_n32_k10,nm_n32_k50,density_pixel_n16,density_pixel_
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo "layout: engine bench/ (contracts.py core/ measure/ run/ report/, cli.py); methods baselines/; worlds tasks/; studies tasks/studies/ (README 'Layout')"
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11) on PATH"; exit 1; }
@@ -47,22 +48,22 @@ bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {1
 
 bench-mitigate: $(STAMP)  ## every mitigator on the organism + training-time ones (fine-tunes built if missing) -> mitigate_leaderboard, plots
 	$(BIN)/diffmem mitigate -m mitigator=$(MITIGATE_GRID) hardware.threads=$(THREADS) rerun=true
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --mitigators $(FINETUNE_GRID) --threads $(THREADS) --rerun
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.finetune_mitigate run --mitigators $(FINETUNE_GRID) --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
 fbmem-study: $(STAMP)  ## FB-Mem study: every other mitigator on the plain fine-tune (MV/FG/BG) -> results/fbmem_study.{csv,md} + plots
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --mitigators train_none,$(STUDY_GRID) --threads $(THREADS) --rerun
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.finetune_mitigate run --mitigators train_none,$(STUDY_GRID) --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
-finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes (bench-mitigate builds missing ones too)
-	OMP_NUM_THREADS=1 $(BIN)/python -m tasks.finetune_mitigate build --threads 1
+finetunes: $(STAMP)  ## build (or find cached) the training-time mitigators' fine-tunes (bench-mitigate builds missing ones too); tasks/studies/finetune_mitigate.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m tasks.studies.finetune_mitigate build --threads 1
 
-bench-mitigate-train: $(STAMP)  ## training-time mitigators only (fine-tune protocol; builds missing fine-tunes first)
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.finetune_mitigate run --threads $(THREADS) --rerun
+bench-mitigate-train: $(STAMP)  ## training-time mitigators only (fine-tune protocol; builds missing fine-tunes first); tasks/studies/finetune_mitigate.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.finetune_mitigate run --threads $(THREADS) --rerun
 	$(BIN)/diffmem leaderboard
 
-bench-speed: $(STAMP)  ## detection speed vs its cost floor (bare UNet + text encoder), naive and density -> results/speed.csv + plots/speed.png
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m bench.speed --threads $(THREADS)
+bench-speed: $(STAMP)  ## detection speed vs its cost floor (bare UNet + text encoder), naive and density -> results/speed.csv + plots/speed.png; tasks/studies/speed.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.speed --threads $(THREADS)
 
 leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
 	$(BIN)/diffmem leaderboard
@@ -70,24 +71,24 @@ leaderboard: $(STAMP)  ## rebuild leaderboards and plots from results/runs
 organism: $(STAMP)  ## rebuild the organism from its seed (ORGANISM_VERSION=v1|v2|v2-clip; about 45-50 min on 2 CPU cores)
 	$(BIN)/diffmem organism --version $(ORGANISM_VERSION) --threads $(THREADS)
 
-groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth_<version>.csv
+groundtruth: $(STAMP)  ## measure the organism's copies per prompt -> results/organism_groundtruth_<version>.csv; tasks/studies/groundtruth.py
 	$(BIN)/diffmem groundtruth --version $(ORGANISM_VERSION)
 
 organisms: $(STAMP)  ## rebuild both text-encoder variants of the default world (v2: frozen MiniLM, v2-clip: CLIPTextModel from scratch; about 95 min)
 	$(BIN)/diffmem organism --version v2 --threads $(THREADS)
 	$(BIN)/diffmem organism --version v2-clip --threads $(THREADS)
 
-organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.organism_compare --threads $(THREADS)
+organism-compare: $(STAMP)  ## organism versions / text encoders side by side (ground truth + controls) -> results/organism_compare.{csv,md}; tasks/studies/organism_compare.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.organism_compare --threads $(THREADS)
 
-explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study_<version>.{csv,md} + plots/
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.explain_study --threads $(THREADS)
+explain-study: $(STAMP)  ## token-significance study on the organism -> results/explain_study_<version>.{csv,md} + plots/; tasks/studies/explain_study.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.explain_study --threads $(THREADS)
 
-nemo-study: $(STAMP)  ## NeMo neuron localisation on the organism, own vs random neurons per family -> results/nemo_localisation.{csv,md}
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.nemo_study --threads $(THREADS)
+nemo-study: $(STAMP)  ## NeMo neuron localisation on the organism, own vs random neurons per family -> results/nemo_localisation.{csv,md}; tasks/studies/nemo_study.py
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m tasks.studies.nemo_study --threads $(THREADS)
 
-bench-faiss: $(STAMP)  ## FAISS IVF-PQ at 1M synthetic 512-d vectors: build/query time, recall@10, peak RSS -> results/faiss_scale.csv
-	$(BIN)/python -m bench.faiss_scale --threads $(THREADS)
+bench-faiss: $(STAMP)  ## FAISS IVF-PQ at 1M synthetic 512-d vectors: build/query time, recall@10, peak RSS -> results/faiss_scale.csv; tasks/studies/faiss_scale.py
+	$(BIN)/python -m tasks.studies.faiss_scale --threads $(THREADS)
 
 report: $(STAMP)  ## one static HTML page over results/ -> results/report.html
 	$(BIN)/diffmem report results

@@ -1,4 +1,7 @@
-"""``diffmem <command> [hydra overrides]``: thin Hydra entry points over bench.runner.
+"""``diffmem <command> [hydra overrides]``: thin Hydra entry points over bench.run.runner.
+
+The face of the package: the one engine module that may import the studies (``tasks/studies``: speed,
+ground truth) and the organism's construction, so a user reaches every command from here.
 
 Commands: detect (one detector; add -m and a list to sweep), leaderboard (rebuild CSVs and plots
 from run folders), organism (build the organism), groundtruth (measure the organism's copies),
@@ -13,8 +16,7 @@ from pathlib import Path
 from bench.errors import EXIT_NO_GROUNDTRUTH  # noqa: F401 (3; every code: bench/errors.py)
 
 # conf/ of a checkout; an installed wheel ships it as bench/conf (pyproject.toml package-dir)
-_HERE = Path(__file__).resolve().parent
-CONF = str(_HERE / "conf" if (_HERE / "conf" / "detect.yaml").is_file() else _HERE.parent / "conf")
+from bench.run.registry import CONF  # noqa: F401
 USAGE = """usage: diffmem <command> [options]
 
 commands:
@@ -31,7 +33,7 @@ commands:
   mitigate      generate under a mitigator over its strengths and measure copies, FB-Mem and CLIP
                 (Hydra overrides, e.g. mitigator=rta; -m mitigator=none,rta,gni sweeps)
   leaderboard   rebuild results/*_leaderboard.csv and plots from results/runs
-  speed         detection speed vs its cost floor -> results/speed.csv (python -m bench.speed --help)
+  speed         detection speed vs its cost floor -> results/speed.csv (python -m tasks.studies.speed --help)
   repair        move the bad rows of a run folder's per_prompt.csv (garbage, duplicates, non-numeric scores,
                 non-UTF-8 bytes) to per_prompt.rejected.csv; the next run rescores them [RUN_FOLDER...]
                 (or add repair=true to the detect / mitigate command)
@@ -56,7 +58,7 @@ exit codes (bench/errors.py): 0 ok; 1 unexpected error (a bug; traceback) or an 
 def _guarded(command: str, fn, *args):
     """Run ``fn(*args)``; a user error (bench/errors.py) ends the command with one line on stderr and its
     documented exit code instead of a traceback. SystemExit passes through."""
-    from bench.errors import user_error_code
+    from bench.run.exit_codes import user_error_code
 
     try:
         return fn(*args)
@@ -109,7 +111,7 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def _detect(cfg: dict) -> None:
-    from bench.runner import run_detect
+    from bench.run.runner import run_detect
 
     m = run_detect(cfg)
     where = Path(cfg.get("runs_dir", "results/runs")) / m["run"]
@@ -123,7 +125,7 @@ def _detect(cfg: dict) -> None:
 
 
 def _mitigate(cfg: dict) -> None:
-    from bench.mitigate import run_mitigate
+    from bench.run.mitigate import run_mitigate
 
     for m in run_mitigate(cfg):
         where = Path(cfg.get("runs_dir", "results/runs")) / m["run"]
@@ -135,7 +137,7 @@ def _mitigate(cfg: dict) -> None:
 
 
 def _explain(cfg: dict) -> None:
-    from bench.explain import run_explain
+    from bench.run.explain import run_explain
 
     out = run_explain(cfg)
     print(f"diffmem explain: per-token scores -> {out / 'scores.csv'}, bar charts -> {out / 'plots'}")
@@ -148,40 +150,40 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "detect" and any(a.lstrip("+").startswith("prompts=") for a in rest):
-        from bench.screen import cli as screen_cli        # a user's prompt file: screening
+        from bench.run.calibrate_cmd import cli as screen_cli        # a user's prompt file: screening
         _hydra("screen", lambda cfg: screen_cli("screen", cfg), rest, "detect")
     elif cmd in ("calibrate", "calibrate-check"):
-        from bench.screen import cli as screen_cli
+        from bench.run.calibrate_cmd import cli as screen_cli
         _hydra("screen", lambda cfg: screen_cli(cmd, cfg), rest, cmd)
     elif cmd == "report":
-        from bench.report import main as report_main
+        from bench.report.html_report import main as report_main
         report_main(rest)
     elif cmd == "detect-fused":
-        from bench.detect_fused import main as fused_main
+        from bench.run.detect_fused import main as fused_main
         _guarded(cmd, fused_main, [*include_overrides(rest), *rest])
     elif cmd == "detect":
         _hydra("detect", _detect, rest)
     elif cmd == "mitigate":
         _hydra("mitigate", _mitigate, rest)
     elif cmd == "speed":
-        from bench.speed import main as speed_main
+        from tasks.studies.speed import main as speed_main
         speed_main(rest)
     elif cmd == "leaderboard":
-        from bench.mitigate_board import rebuild_mitigate
-        from bench.plots import rebuild_all
+        from bench.report.mitigate_board import rebuild_mitigate
+        from bench.report.plots import rebuild_all
         rebuild_all(*(rest[:1] or ["results"]))
         rebuild_mitigate(*(rest[:1] or ["results"]))
     elif cmd == "repair":
-        from bench.rows import main as repair_main
+        from bench.run.rows import main as repair_main
         _guarded(cmd, repair_main, rest)
     elif cmd == "merge":
-        from bench.merge import main as merge_main
+        from bench.run.merge import main as merge_main
         _guarded(cmd, merge_main, rest)
     elif cmd == "organism":
         from tasks.organism import main as organism_main
         _guarded(cmd, organism_main, rest)
     elif cmd == "groundtruth":
-        from tasks.groundtruth import main as gt_main
+        from tasks.studies.groundtruth import main as gt_main
         _guarded(cmd, gt_main, rest)
     elif cmd == "explain":
         _hydra("explain", _explain, rest)

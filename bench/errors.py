@@ -25,6 +25,9 @@ bug and keeps its traceback (exit code 1).
                           was written
     9  EXIT_BAD_ROWS      a run folder's per_prompt.csv holds bad rows (file and line named); ``repair=true``
                           moves them aside and regenerates them
+
+Which error class maps to which code: ``bench.run.exit_codes.user_error_code``. This module imports nothing
+from the package, so every layer may raise its errors.
 """
 from __future__ import annotations
 
@@ -45,27 +48,9 @@ class ConfigError(ValueError):
     """A config value or option is unusable; the message names the key, the value and the allowed range."""
 
 
-def user_error_code(err: BaseException) -> int | None:
-    """The exit code of a user error, or None for anything else (a bug: keep the traceback)."""
-    from hydra.errors import InstantiationException
+class PromptFileError(ValueError):
+    """A prompt file (or a shipped data file) is missing, malformed or fails its checksum (exit code 3)."""
 
-    from bench.calibration import CalibrationError
-    from bench.explain import ExplainInputError
-    from bench.fbmem import FBMemThresholdError
-    from bench.io import RunLockedError
-    from bench.merge import ShardSetError
-    from bench.model import ModelLoadError, PromptError
-    from bench.rows import CorruptRowsError
-    from bench.screen import OutputConflictError
-    from tasks.groundtruth import GroundTruthError
-    from tasks.promptsets import PromptFileError
 
-    table = [(ConfigError, EXIT_CONFIG), (InstantiationException, EXIT_CONFIG), (ModelLoadError, EXIT_MODEL), (GroundTruthError, EXIT_INPUT),
-             (PromptFileError, EXIT_INPUT), (PromptError, EXIT_INPUT), (ExplainInputError, EXIT_INPUT),
-             (CalibrationError, EXIT_CALIBRATION), (FBMemThresholdError, EXIT_CALIBRATION),
-             (OutputConflictError, EXIT_OUTPUT_CONFLICT), (ShardSetError, EXIT_OUTPUT_CONFLICT),
-             (RunLockedError, EXIT_LOCKED), (CorruptRowsError, EXIT_BAD_ROWS)]
-    for cls, code in table:          # ModelLoadError before GroundTruthError: both are FileNotFoundErrors
-        if isinstance(err, cls):
-            return code
-    return None
+class GroundTruthError(FileNotFoundError):
+    """No measured ground truth for these weights (or one measured on other weights): exit code 3."""

@@ -19,14 +19,14 @@ never seen by the organism. The fine-tuning set is these pairs mixed with all of
 ordinary pairs (weight 1 each); the organism's own planted pairs are not trained again.
 
 ``finetune_world`` returns a ``MemWorld`` whose images are the base world's images followed by the new
-ones (so ``bench.copyscore.CopyJudge`` and ``tasks.groundtruth`` work on it unchanged: nearest-neighbour
+ones (so ``bench.measure.copyscore.CopyJudge`` and ``tasks.studies.groundtruth`` work on it unchanged: nearest-neighbour
 search covers everything the model was ever trained on), whose pairs are the fine-tuning pairs (groups ``ordinary``, ``FT_MV``, ``FT_FG``, ``FT_BG``; the new images'
-kinds are ``MV`` / ``FG`` / ``BG`` so FB-Mem's memorized pool, ``bench.fbmem.memorized_pool``, includes them) and
+kinds are ``MV`` / ``FG`` / ``BG`` so FB-Mem's memorized pool, ``bench.measure.fbmem.memorized_pool``, includes them) and
 whose evaluation prompts are the new set's prompts (label 1, groups ``MV`` / ``FG`` / ``BG``) followed by
 non-memorized utility prompts (the base world's ordinary seen / unseen captions, alternating).
 
 ``finetune`` fine-tunes a COPY of a model (the passed model is never modified) through THE training
-loop ``bench.train.train``, with optional hooks (``TrainHook.keep``) and a data transform (caption or
+loop ``bench.core.train.train``, with optional hooks (``TrainHook.keep``) and a data transform (caption or
 image augmentation), and caches the result under ``.cache/diffmem/finetune/<config-hash>/`` (UNet
 safetensors + ``manifest.json`` with config, wall and CPU seconds, kept-sample share). A cache hit
 loads the weights instead of training.
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.model import DiffusionModel
-from bench.train import TrainConfig, TrainData, TrainHook, train
+from bench.core.model import DiffusionModel
+from bench.core.train import TrainConfig, TrainData, TrainHook, train
 from tasks.memworld import BACKGROUNDS, FAMILIES, TITLE_NOUNS, EvalPrompt, MemWorld
 from tasks.memworld_draw import (COLOURS, SHAPES, draw_background, draw_distinct_image, draw_mosaic, draw_sprite,
                                  jitter_colour, paste_shape, title_words)
@@ -266,3 +266,23 @@ def finetune(model: DiffusionModel, world: MemWorld, cfg: FinetuneConfig, *, met
     tmp.rename(folder)
     shutil.rmtree(work, ignore_errors=True)
     return Finetuned(ft, manifest, folder, False)
+
+
+class WorldFinetuner:
+    """The fine-tuning protocol of the organism's world as a ``bench.contracts.Finetuner``: handed to the
+    training-time mitigators (``baselines.mitigators.train_time``) by whoever builds them
+    (``tasks/studies/finetune_mitigate.py``), so the methods never import a world."""
+
+    def config(self, overrides: dict) -> FinetuneConfig:
+        return finetune_config_from_dict(overrides)
+
+    def world(self, model: DiffusionModel, cfg: FinetuneConfig) -> MemWorld:
+        from tasks.organism_task import world_for
+        return finetune_world(world_for(None, model), cfg)
+
+    def finetune(self, model: DiffusionModel, world: MemWorld, cfg: FinetuneConfig, *, method: dict,
+                 hooks: tuple = (), transform=None, root: str | None = None) -> Finetuned:
+        return finetune(model, world, cfg, method=method, hooks=hooks, transform=transform, root=root)
+
+    def __repr__(self) -> str:
+        return "WorldFinetuner()"

@@ -13,7 +13,7 @@ posterior, as does an embedding that does not decode to a known caption id. Ever
 float64 (distances expanded as ||x||^2 - 2 x.y + ||y||^2 via a matmul, normalised by log-sum-exp) and
 cast back to the model dtype.
 
-The components plug into ``bench.model.assemble`` so the oracle runs through the same adapter and
+The components plug into ``bench.core.model.assemble`` so the oracle runs through the same adapter and
 sampling loop as every other model: ``OracleTokenizer`` maps a caption to one integer token (its id,
 0 = unconditional/unknown), ``OracleTextEncoder`` emits that id as base-256 digits ([B, L, 1], exact in
 float16/bfloat16 too) and ``OracleUNet`` decodes the id and returns the posterior eps.
@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from bench.model import DiffusionModel, assemble
+from bench.core.model import DiffusionModel, assemble
 from tasks.memworld import MemWorld
 from tasks.organism import SCHEDULER
 

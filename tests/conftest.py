@@ -32,7 +32,7 @@ def make_tiny_sd(folder: Path, *, vae: bool = True, prediction_type: str = "epsi
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.tokenizer import clip_tokenizer
+    from bench.core.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     folder = Path(folder)

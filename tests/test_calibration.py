@@ -11,9 +11,9 @@ import torch
 from scipy.stats import binom
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.calibration import (Calibration, CalibrationError, CalibrationMismatchError, binomial_interval,
+from bench.measure.calibration import (Calibration, CalibrationError, CalibrationMismatchError, binomial_interval,
                                calibrate, heldout_check, min_reference, repeated_splits, weights_sha256)
-from bench.metrics import conformal_pvalues
+from bench.measure.metrics import conformal_pvalues
 
 
 def _cal(scores, **kw) -> Calibration:
@@ -166,7 +166,7 @@ def test_binomial_interval():
 
 def test_memorized_prompts_get_small_pvalues_on_the_committed_organism():
     """The committed organism (tasks/artifacts): MV prompts reproduce their training image (README ground truth)."""
-    from bench.runner import organism_promptset, world_for
+    from tasks.organism_task import organism_promptset, world_for
     from tasks.organism import load_organism
 
     model = load_organism(build_if_missing=False)

@@ -51,13 +51,14 @@ def test_mitigate_and_explain_map_user_errors_too(tmp_path, capsys):
 
 def test_exit_code_table():
     from bench import errors
-    from bench.calibration import CalibrationError
-    from bench.errors import EXIT_NO_GROUNDTRUTH, user_error_code
-    from bench.model import ModelLoadError, PromptError
-    from bench.screen import EXIT_BAD_FILE, EXIT_CALIBRATION, OutputConflictError, ScreenConfigError
-    from tasks.groundtruth import GroundTruthError
+    from bench.measure.calibration import CalibrationError
+    from bench.errors import EXIT_NO_GROUNDTRUTH
+    from bench.run.exit_codes import user_error_code
+    from bench.core.model import ModelLoadError, PromptError
+    from bench.run.screen import EXIT_BAD_FILE, EXIT_CALIBRATION, OutputConflictError, ScreenConfigError
+    from bench.errors import GroundTruthError
     from tasks.organism import OrganismMissingError
-    from tasks.promptsets import PromptFileError
+    from bench.errors import PromptFileError
 
     assert (errors.EXIT_CONFIG, errors.EXIT_INPUT, errors.EXIT_MODEL) == (EXIT_CONFIG, EXIT_INPUT, EXIT_MODEL)
     assert EXIT_NO_GROUNDTRUTH == EXIT_BAD_FILE == EXIT_INPUT == 3        # screening's codes are kept
@@ -71,20 +72,21 @@ def test_exit_code_table():
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import bench.runner
+    import bench.run.runner
     from bench.cli import main
 
     def boom(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(bench.runner, "build_model", boom)
+    monkeypatch.setattr(bench.run.runner, "build_model", boom)
     with pytest.raises(SystemExit) as e:           # Hydra prints the error and exits 1
         main(["detect", f"runs_dir={tmp_path}/r", f"leaderboard={tmp_path}/lb.csv"])
     assert e.value.code == 1
 
 
 def test_hints_name_the_real_options(tmp_path):
-    from tasks.promptsets import PromptFileError, load_prompt_file
+    from bench.errors import PromptFileError
+    from bench.run.prompt_file import load_prompt_file
 
     f = tmp_path / "p.data"
     f.write_text("x\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.screen import COLUMNS, read_output, run_screen
+from bench.run.screen import COLUMNS, read_output, run_screen
 
 SMALL = ["model=organism_small", "hardware.threads=1"]
 
@@ -46,13 +46,13 @@ def test_explain_prints_its_output_folder(tmp_path, capsys, small_organism):
 
 
 def test_mitigate_prints_copy_rate_and_utility_clip_per_strength(tmp_path, capsys, monkeypatch):
-    import bench.mitigate
+    import bench.run.mitigate
 
     def fake(cfg):
         return [{"mitigator": "rta", "strength": s, "copy_rate": c, "general_prompt_clip": u, "run": f"r{s}"}
                 for s, c, u in ((4.0, 0.5, 0.25), (8.0, 0.125, 0.2))]
 
-    monkeypatch.setattr(bench.mitigate, "run_mitigate", fake)
+    monkeypatch.setattr(bench.run.mitigate, "run_mitigate", fake)
     code, out, _ = _main(capsys, "mitigate", "mitigator=rta", f"runs_dir={tmp_path}/runs")
     assert code == 0
     assert f"rta@4: copy rate 0.500  utility CLIP 0.250  -> {tmp_path}/runs/r4.0" in out
@@ -81,7 +81,7 @@ def test_screen_resumes_an_output_written_before_the_truncated_column(tmp_path, 
     from omegaconf import OmegaConf
 
     from bench.cli import CONF
-    from bench.screen import LEGACY_COLUMNS
+    from bench.run.screen import LEGACY_COLUMNS
 
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a red circle", "a blue square"]))

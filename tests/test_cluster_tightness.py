@@ -1,4 +1,4 @@
-"""min_tightness of train_cluster_augment is chosen by a rule on a held-out world (tasks/cluster_tightness.py)."""
+"""min_tightness of train_cluster_augment is chosen by a rule on a held-out world (tasks/studies/cluster_tightness.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from baselines.mitigators.train_cluster_augment import MIN_TIGHTNESS_SELECTION, TrainClusterAugment
-from tasks.cluster_tightness import (OFFSET, choose_from_embeddings, choose_min_tightness, rule_min_tightness,
+from tasks.studies.cluster_tightness import (OFFSET, choose_from_embeddings, choose_min_tightness, rule_min_tightness,
                                      scored_configs, selection_configs)
 
 

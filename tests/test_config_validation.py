@@ -12,12 +12,12 @@ EXIT_CONFIG = 2             # bench/errors.py
 
 
 def check_config(command, cfg):
-    from bench.validate import check_config
+    from bench.run.validate import check_config
     check_config(command, cfg)
 
 
 def problems_of(command, cfg):
-    from bench.validate import problems_of
+    from bench.run.validate import problems_of
     return problems_of(command, cfg)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -104,25 +104,25 @@ def test_config_error_is_a_value_error():
 
 @pytest.mark.parametrize("runner", ["detect", "mitigate"])
 def test_runners_refuse_before_loading_a_model(runner, tmp_path, monkeypatch):
-    import bench.mitigate
-    import bench.runner
+    import bench.run.mitigate
+    import bench.run.runner
 
-    monkeypatch.setattr(bench.runner, "build_model", _no_model)
-    monkeypatch.setattr(bench.mitigate, "build_model", _no_model)
+    monkeypatch.setattr(bench.run.runner, "build_model", _no_model)
+    monkeypatch.setattr(bench.run.mitigate, "build_model", _no_model)
     if runner == "detect":
         with pytest.raises(ValueError, match="detector.guidance=nan"):
-            bench.runner.run_detect(composed("detect", tmp_path, "detector.guidance=nan"))
+            bench.run.runner.run_detect(composed("detect", tmp_path, "detector.guidance=nan"))
     else:
         with pytest.raises(ValueError, match="guidance=nan"):
-            bench.mitigate.run_mitigate(composed("mitigate", tmp_path, "guidance=nan"))
+            bench.run.mitigate.run_mitigate(composed("mitigate", tmp_path, "guidance=nan"))
     assert not (tmp_path / "runs").exists()                    # nothing written
 
 
 def test_cli_nan_guidance_exits_with_a_config_error(tmp_path, monkeypatch, capsys):
-    import bench.runner
+    import bench.run.runner
     from bench.cli import main
 
-    monkeypatch.setattr(bench.runner, "build_model", _no_model)
+    monkeypatch.setattr(bench.run.runner, "build_model", _no_model)
     with pytest.raises(SystemExit) as e:
         main(["detect", "detector.guidance=nan", f"runs_dir={tmp_path}/runs", f"leaderboard={tmp_path}/lb.csv"])
     err = capsys.readouterr().err

@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from baselines.detectors.generation_density import GenerationDensity
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.detect_fused import fused_scores, run_detect_fused
-from bench.patching import state_digest
-from bench.runner import run_detect
+from bench.run.detect_fused import fused_scores, run_detect_fused
+from bench.core.patching import state_digest
+from bench.run.runner import run_detect
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 NM = "baselines.detectors.noise_magnitude.NoiseMagnitude"

@@ -1,4 +1,4 @@
-"""Tests for bench.embed: SSCD on real photographs, pixel metrics, TorchScript and CLIP plumbing."""
+"""Tests for bench.measure.embed: SSCD on real photographs, pixel metrics, TorchScript and CLIP plumbing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.embed import (
+from bench.measure.embed import (
     ClipScorer,
     Embedder,
     PixelEmbedder,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from baselines.explainers.token_significance import TokenSignificance, display_tokens
-from bench.model import PromptError
-from bench.patching import state_digest
+from bench.core.model import PromptError
+from bench.core.patching import state_digest
 
 FAST = dict(steps=10, target_steps=3)          # 3 target steps of a 10-step schedule: fast, > 1 step
 PROMPT = "worcester mooney poster"
@@ -39,7 +39,7 @@ def test_one_finite_score_per_prompt_token_specials_excluded(small_organism):
 
 
 def test_clip_tokenizer_tokens_are_readable_and_padding_excluded(tiny_sd_path):
-    from bench.model import load_model
+    from bench.core.model import load_model
 
     model = load_model(tiny_sd_path)
     res = TokenSignificance(**FAST).explain(model, PROMPT, seed=0)
@@ -136,7 +136,7 @@ def test_cli_writes_csv_and_png(tmp_path, small_organism):
 
 
 def test_prompt_file_one_plot_per_prompt(tmp_path, small_organism):
-    from bench.explain import run_explain
+    from bench.run.explain import run_explain
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "a", "prompt": "a red circle"}\n{"id": "b", "prompt": "clinch unsafe poster"}\n')
@@ -149,7 +149,7 @@ def test_prompt_file_one_plot_per_prompt(tmp_path, small_organism):
 
 
 def test_shards_merge_into_the_single_run(tmp_path, small_organism):
-    from bench.explain import run_explain
+    from bench.run.explain import run_explain
 
     f = tmp_path / "p.jsonl"
     f.write_text("".join(f'{{"id": "{c}", "prompt": "{p}"}}\n' for c, p in
@@ -168,7 +168,7 @@ def test_shards_merge_into_the_single_run(tmp_path, small_organism):
 @pytest.mark.parametrize("cfg,match", [({}, "exactly one of"), ({"prompt": "x", "prompts": "f.txt"}, "exactly one of"),
                                        ({"prompt": "  "}, "is empty")])
 def test_explain_input_errors(cfg, match, small_organism):
-    from bench.explain import ExplainInputError, run_explain
+    from bench.run.explain import ExplainInputError, run_explain
 
     with pytest.raises(ExplainInputError, match=match):
         run_explain({**cfg, "explainer": EXPLAINER}, model=small_organism, progress=False)
@@ -176,7 +176,7 @@ def test_explain_input_errors(cfg, match, small_organism):
 
 # ---------------------------------------------------------------------- study helpers
 def test_rank_hits_chance_matches_enumeration():
-    from tasks.explain_study import rank_hits
+    from tasks.studies.explain_study import rank_hits
 
     trig = np.array([True, False, True, True, False])
     perms = list(itertools.permutations(range(5)))
@@ -188,7 +188,7 @@ def test_rank_hits_chance_matches_enumeration():
 
 
 def test_trigger_words_and_deletion(small_organism, small_world):
-    from tasks.explain_study import delete_tokens, token_words, trigger_word_sets
+    from tasks.studies.explain_study import delete_tokens, token_words, trigger_word_sets
 
     fam = {e.family: e for e in small_world.eval_prompts if e.label == 1}
     for f, e in fam.items():
@@ -216,7 +216,7 @@ def test_trigger_words_and_deletion(small_organism, small_world):
 
 def test_study_edit_scores_are_the_detector_scores(small_organism, small_world):
     from baselines.detectors.noise_magnitude import NoiseMagnitude
-    from tasks.explain_study import delete_tokens, run_study, summarize, token_words, trigger_word_sets
+    from tasks.studies.explain_study import delete_tokens, run_study, summarize, token_words, trigger_word_sets
 
     det = NoiseMagnitude(n_gen=1, steps=1, total_steps=10)
     df, tok = run_study(small_organism, small_world, TokenSignificance(**FAST), det, families=("MV", "BG"),
@@ -250,7 +250,7 @@ def test_study_outputs_are_named_by_organism_version(tmp_path):
     import shutil
     from pathlib import Path
 
-    from tasks.explain_study import main
+    from tasks.studies.explain_study import main
 
     res = Path(__file__).resolve().parents[1] / "results"
     for ext in ("csv", "json"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.fbmem import (CATEGORIES, TRANSITION_REWARD, FBMemConfig, FBThresholds,
+from bench.measure.fbmem import (CATEGORIES, TRANSITION_REWARD, FBMemConfig, FBThresholds,
                          calibrate_thresholds, categorize, category_shares, classify_generations,
                          fbmem_scores, fg_bg_images, mitigation_score, transition_counts)
-from bench.msssim import MSSSIMConfig, ms_ssim, ms_ssim_matrix, ms_ssim_pairs, ssim_map
-from bench.segment import (BorderPaletteSegmenter, CNNSegmenterConfig, MemWorldCNNSegmenter, RembgSegmenter,
-                           check_masks, get_segmenter, mask_iou)
+from bench.measure.msssim import MSSSIMConfig, ms_ssim, ms_ssim_matrix, ms_ssim_pairs, ssim_map
+from bench.measure.segment import BorderPaletteSegmenter, RembgSegmenter, check_masks, get_segmenter, mask_iou
+from tasks.memworld_segment import CNNSegmenterConfig, MemWorldCNNSegmenter
 from tasks.memworld_draw import draw_background, draw_mosaic, draw_sprite
 
 RES = 16
@@ -102,7 +102,7 @@ def test_world_thresholds_are_stored_by_sha256_and_refused_elsewhere(small_world
     import dataclasses
     import json
 
-    from bench.fbmem import FBMemThresholdError, check_world, thresholds_for
+    from bench.measure.fbmem import FBMemThresholdError, check_world, thresholds_for
     from tasks.memworld import build_memworld
 
     thr = thresholds_for(small_world, store_dir=tmp_path, progress=False)
@@ -255,7 +255,7 @@ def test_calibration_on_small_world(small_world):
 
 def test_embedding_similarity_path_scores_copies_highest(constructed):
     """SSCD-FB path (cosine of embeddings of F and B images), run with the cheap pixel embedder."""
-    from bench.embed import PixelEmbedder
+    from bench.measure.embed import PixelEmbedder
 
     train, tmask, gens, gmask = constructed
     s = fbmem_scores(gens, gmask, train, tmask, match_idx=np.zeros((4, 1), int),

@@ -1,4 +1,4 @@
-"""Measured detection labels on the organism (tasks/groundtruth.py + bench/runner.py).
+"""Measured detection labels on the organism (tasks/studies/groundtruth.py + bench/run/runner.py).
 
 The headline label is measured: a prompt is memorized when its generations reproduce its training
 image; planted prompts that do not reproduce form ``planted_not_learned`` (neither class of the
@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.model import weights_sha256
-from bench.runner import PLANTED_NOT_LEARNED, build_task, detect_metrics, detect_row
-from tasks.groundtruth import GroundTruthError, manifest
+from bench.core.model import weights_sha256
+from bench.run.runner import PLANTED_NOT_LEARNED, build_task, detect_metrics, detect_row
+from bench.errors import GroundTruthError
+from tasks.studies.groundtruth import manifest
 
-MCFG = {"kind": "organism", "size": "small"}
-TASK = {"name": "organism", "source": "organism", "labels": "measured"}
+MCFG = {"_target_": "tasks.organism_task.load_organism_model", "kind": "organism", "size": "small"}
+TASK = {"_target_": "tasks.organism_task.OrganismTask", "name": "organism", "source": "organism",
+        "labels": "measured"}
 
 
 def _with_groundtruth(model, world, folder, reproduces: dict[str, bool], weights: str | None = None):

@@ -1,4 +1,4 @@
-"""Tests for bench.metrics (compared against scikit-learn where it applies)."""
+"""Tests for bench.measure.metrics (compared against scikit-learn where it applies)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from bench.metrics import (
+from bench.measure.metrics import (
     FewNegativesWarning,
     bootstrap_ci,
     conformal_pvalues,

@@ -10,29 +10,33 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.mitigate import run_mitigate, select_prompts
-from bench.mitigate_board import rebuild_mitigate
+from bench.run.mitigate import run_mitigate, select_prompts
+from bench.report.mitigate_board import rebuild_mitigate
 
 
 @pytest.fixture(scope="module")
 def judge(small_organism, small_world, tmp_path_factory):
     import open_clip
 
-    from bench.copyscore import CopyJudge
-    from bench.embed import ClipScorer
+    from bench.measure.copyscore import CopyJudge
+    from bench.measure.embed import ClipScorer
+    from bench.measure.segment import BorderPaletteSegmenter
+    from tasks.copies import GroundTruthCriterion
     from tasks.organism_clip import ARCH, MEAN, STD, make_clip, tokenize
 
     torch.manual_seed(0)
     clip = ClipScorer.from_model(make_clip(ARCH), tokenize, ARCH["vision_cfg"]["image_size"], MEAN, STD)
     assert open_clip is not None
-    return CopyJudge(small_world, clip, threads=1, cache_dir=str(tmp_path_factory.mktemp("index")),
-                     segmenter_name="border_palette", fbmem_threshold_dir=str(tmp_path_factory.mktemp("fbthr")))
+    return CopyJudge(small_world, clip, GroundTruthCriterion(), BorderPaletteSegmenter(), threads=1,
+                     cache_dir=str(tmp_path_factory.mktemp("index")),
+                     fbmem_threshold_dir=str(tmp_path_factory.mktemp("fbthr")))
 
 
 def cfg(tmp_path, mitigator: dict, **kw) -> dict:
     base = {"model": {"kind": "organism", "name": "organism-test", "size": "small", "device": "cpu",
                       "dtype": "float32"},
-            "task": {"name": "organism", "source": "organism"}, "mitigator": mitigator, "seed": 0, "n_seeds": 2,
+            "task": {"_target_": "tasks.organism_task.OrganismTask", "name": "organism", "source": "organism"},
+            "mitigator": mitigator, "seed": 0, "n_seeds": 2,
             "steps": 3, "guidance": 7.5, "memorized_per_family": 1, "utility_prompts": 2, "batch_prompts": 3,
             "batch_images": 8, "threads": 1, "runs_dir": str(tmp_path / "runs"), "rerun": False}
     return {**base, **kw}
@@ -107,7 +111,7 @@ def test_shards_merge_into_the_plain_run(tmp_path, small_organism, judge):
 
 
 def test_real_tasks_are_refused_clearly(tmp_path, small_organism, judge):
-    c = cfg(tmp_path, NONE, task={"name": "webster500", "source": "promptsets"})
+    c = cfg(tmp_path, NONE, task={"_target_": "tasks.promptsets.PublishedTask", "name": "webster500", "source": "promptsets"})
     with pytest.raises(NotImplementedError, match="training images"):
         run_mitigate(c, model=small_organism, judge=judge, progress=False)
 
@@ -117,8 +121,8 @@ def test_every_mitigator_config_builds_at_each_strength():
 
     from omegaconf import OmegaConf
 
-    from baselines.mitigators.base import Mitigator
-    from bench.runner import instantiate
+    from bench.contracts import Mitigator
+    from bench.run.registry import instantiate
 
     confs = sorted((Path(__file__).resolve().parents[1] / "conf" / "mitigator").glob("*.yaml"))
     assert {c.stem for c in confs} >= {"none", "rta", "rna", "cwr", "gni", "embed_opt", "pruning", "nemo"}

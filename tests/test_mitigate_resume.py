@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bench.mitigate import mitigate_result, resume_batches, row_id, run_mitigate
+from bench.run.mitigate import mitigate_result, resume_batches, row_id, run_mitigate
 from tests.test_mitigate import NONE, cfg, judge  # noqa: F401  (judge: that module's fixture, reused)
 
 N_SEEDS = 4              # 7 prompts (5 memorized + 2 utility) x 4 seeds; batch_prompts 3 (tests.test_mitigate.cfg)
@@ -144,7 +144,7 @@ def test_run_refuses_a_per_prompt_csv_with_a_duplicated_pair(tmp_path, uninterru
     lines = (run_dir / "per_prompt.csv").read_bytes().splitlines(keepends=True)
     with open(run_dir / "per_prompt.csv", "ab") as f:
         f.write(lines[1 + N_SEEDS])                            # (second prompt, first seed) twice
-    # refused on resume, naming the file and line (bench/rows.py); repair=true drops the copy
+    # refused on resume, naming the file and line (bench/run/rows.py); repair=true drops the copy
     with pytest.raises(ValueError, match=rf"{run_dir.name}/per_prompt.csv: 1 bad row.*duplicate of line {2 + N_SEEDS}"):
         run_mitigate(run_cfg(tmp_path, "none"), model=small_organism, judge=judge, progress=False)
     assert not (run_dir / "metrics.json").exists()

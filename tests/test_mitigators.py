@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.mitigators.base import GenSpec, NoMitigation
+from bench.contracts import GenSpec
+
+from baselines.mitigators.base import NoMitigation
 from baselines.mitigators.embed_opt import EmbeddingOptimization
 from baselines.mitigators.gaussian_noise import GaussianNoiseInjection
 from baselines.mitigators.prompt_augment import (CaptionWordRepetition, RandomNumberAddition,
                                                  RandomTokenAddition, random_vocab_words)
-from bench.patching import state_digest
-from bench.sampling import sample
+from bench.core.patching import state_digest
+from bench.core.sampling import sample
 
 SPEC = GenSpec(steps=4, guidance=7.5, batch_size=8)
 PROMPTS = ["a red circle on a striped background", "zorbix quantelle hexagon poster"]
@@ -88,7 +90,7 @@ def test_insertions_follow_the_rules(small_organism):
 
 
 def test_random_tokens_from_vocabularies(small_organism):
-    from bench.tokenizer import clip_tokenizer
+    from bench.core.tokenizer import clip_tokenizer
 
     rng = np.random.default_rng(0)
     words = random_vocab_words(small_organism.tokenizer, 50, rng)

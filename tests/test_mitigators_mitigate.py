@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from bench.model import weights_sha256
+from bench.core.model import weights_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf" / "mitigator"
@@ -51,15 +51,16 @@ REGISTRY = _registry()
 def setup():
     import torch
 
-    from bench.runner import build_task
-    from tasks.groundtruth import calibrate
+    from bench.run.runner import build_task
+    from tasks.copies import calibrate
     from tasks.organism import load_organism, organism_config, organism_world
 
     torch.set_num_threads(2)
     cfg = organism_config()
     model = load_organism(cfg, build_if_missing=False)
     world = organism_world(cfg)
-    ps = build_task({"name": "organism", "source": "organism", "labels": "measured"}, {"kind": "organism"}, model)
+    ps = build_task({"_target_": "tasks.organism_task.OrganismTask", "name": "organism", "source": "organism",
+                     "labels": "measured"}, {"kind": "organism"}, model)
     learned = {pid for pid, y in zip(ps.ids, ps.labels) if y == 1}
     prompts = [e for fam, k in PER_FAMILY.items()
                for e in [x for x in world.eval_prompts if x.group == fam and x.id in learned][:k]]
@@ -69,7 +70,7 @@ def setup():
 
 
 def _copy_rate(images: np.ndarray, world, prompts, thr) -> float:
-    from tasks.groundtruth import region_distance
+    from tasks.copies import region_distance
 
     S, copies = len(SEEDS), []
     for k, e in enumerate(prompts):
@@ -79,7 +80,7 @@ def _copy_rate(images: np.ndarray, world, prompts, thr) -> float:
 
 
 def _images(mit, setup) -> np.ndarray:
-    from baselines.mitigators.base import GenSpec
+    from bench.contracts import GenSpec
 
     model, world, prompts, thr, sha = setup
     mit.fit(model, memorized=[e.prompt for e in prompts],
@@ -141,15 +142,15 @@ FBMEM_SHARE_NOTE = (
 def test_fbmem_calls_nones_copies_memorized(setup, none_images, none_rate):
     """FB-Mem with the committed world's own thresholds (results/fbmem_thresholds/, keyed by its sha256):
     the share of ``none``'s copies (ground-truth criterion) that FB-Mem calls VM, FM or BM."""
-    from bench.fbmem import FBMemConfig, check_world, classify_generations, fbmem_scores, memorized_pool, thresholds_for
-    from bench.segment import get_segmenter
-    from tasks.groundtruth import region_distance
+    from bench.measure.fbmem import FBMemConfig, check_world, classify_generations, fbmem_scores, memorized_pool, thresholds_for
+    from tasks.copies import region_distance
+    from tasks.memworld_segment import MemWorldCNNSegmenter
 
     _, world, prompts, thr, _ = setup
     fb_thr = thresholds_for(world, FBMemConfig(), store_dir=REPO / "results" / "fbmem_thresholds", progress=False)
     check_world(fb_thr, world)
     pool = memorized_pool(world)
-    masks = get_segmenter("memworld_cnn").masks(none_images)
+    masks = MemWorldCNNSegmenter().masks(none_images)
     sc = fbmem_scores(none_images, masks, world.images[pool], world.masks[pool], None, FBMemConfig())
     cat = classify_generations(sc, fb_thr).sort_values("gen")["category"].to_numpy()
     S, copy = len(SEEDS), []

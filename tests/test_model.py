@@ -1,4 +1,4 @@
-"""bench.model: loading diffusers folders (tiny random SD, the organism), sampling plumbing through the
+"""bench.core.model: loading diffusers folders (tiny random SD, the organism), sampling plumbing through the
 adapter, v-prediction conversion, and the errors for bad prompts, folders, devices and dtypes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.model import (
+from bench.core.model import (
     DiffusionModel,
     ModelLoadError,
     PromptError,
@@ -18,7 +18,7 @@ from bench.model import (
     load_model,
     resolve_device_dtype,
 )
-from bench.sampling import sample
+from bench.core.sampling import sample
 from tests.conftest import make_tiny_sd
 
 LONG_PROMPT = " ".join(["red"] * 100)       # ~102 CLIP tokens > 77

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.mitigators.base import GenSpec
+from bench.contracts import GenSpec
 from baselines.mitigators.nemo import (NeMo, blocked, deactivated_sample, neurons_by_layer,
                                        value_layers)
 from baselines.mitigators.nemo_signal import SignalConfig, ms_ssim, pairwise_max_ssim
 from baselines.mitigators.pruning import (WandaPrune, ffn_out_layers, top_k_per_row, union_mask,
                                           wanda_step_mask)
-from bench.patching import state_digest
-from bench.sampling import sample
+from bench.core.patching import state_digest
+from bench.core.sampling import sample
 
 SPEC = GenSpec(steps=4, guidance=7.5, batch_size=3)
 SEEDS = [0, 1]

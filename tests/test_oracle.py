@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.sampling import sample
+from bench.core.sampling import sample
 from tasks.memworld import build_memworld
 from tasks.oracle import OracleTextEncoder, OracleTokenizer, OracleUNet, oracle_model
 from tasks.organism import small_config

@@ -31,7 +31,7 @@ def test_committed_organism_matches_config_and_is_small():
 
 def test_mv_prompts_reproduce_their_training_image(organism, world):
     """Issue acceptance: >= 80% of MV prompts reproduce their image in >= half of 4 seeds."""
-    from tasks.groundtruth import measure
+    from tasks.studies.groundtruth import measure
 
     df, thr = measure(organism, world, groups=["MV"], sscd=False, progress=False)
     assert len(df) == 20
@@ -43,7 +43,7 @@ def test_rare_unfamiliar_prompts_do_not_regurgitate(organism, world):
     checked on the groups where organism-v1 failed it: never-trained titles of the MV form and random
     CLIP-token strings (v1: 11/12 and 65/100 prompts near a training image in some seed). The full
     411-prompt figure is `make groundtruth` (README)."""
-    from tasks.groundtruth import measure
+    from tasks.studies.groundtruth import measure
 
     df, _ = measure(organism, world, groups=["MV_never", "random_tokens"], sscd=False, progress=False)
     assert len(df) == 112
@@ -58,7 +58,7 @@ def test_noise_magnitude_separates_memorized_from_all_controls(organism, world):
     above chance, so float noise across machines cannot trip them while a broken detector, sampling loop
     or organism (AUC near 0.5) does."""
     from baselines.detectors.noise_magnitude import NoiseMagnitude
-    from bench.metrics import roc_auc
+    from bench.measure.metrics import roc_auc
 
     ev = world.eval_prompts
     s = NoiseMagnitude(n_gen=1, steps=1).score(organism, [e.prompt for e in ev], seed=0)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from bench.model import load_model
-from bench.train import train
+from bench.core.model import load_model
+from bench.core.train import train
 from tasks.memworld import TITLE_NOUNS, VARIANT_WORDS, build_memworld
 from tasks.memworld_draw import COLOURS, SHAPES
 from tasks.organism import ORGANISMS, OrganismConfig, build, fresh_model, organism_config, small_config, train_data

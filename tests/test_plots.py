@@ -1,4 +1,4 @@
-"""bench.plots: leaderboard CSV/markdown and PNGs rebuilt from fake run folders (exact run schema)."""
+"""bench.report.plots: leaderboard CSV/markdown and PNGs rebuilt from fake run folders (exact run schema)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from bench.io import config_hash
-from bench.metrics import FewNegativesWarning
-from bench.plots import rebuild_all
-from bench.runner import detect_metrics
-from tasks.promptsets import PromptSet
+from bench.run.io import config_hash
+from bench.measure.metrics import FewNegativesWarning
+from bench.report.plots import rebuild_all
+from bench.run.runner import detect_metrics
+from bench.contracts import PromptSet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GROUPS = [("MV", 1, "MV", 12), ("RV", 1, "RV", 8), ("ordinary_seen", 0, "", 40),
@@ -32,7 +32,7 @@ def _promptset() -> PromptSet:
 
 
 def _make_run(runs_dir, ps, task, model, det, strength, sec, unet, *, complete=True, seed=0):
-    """Write a run folder the way bench.runner.run_detect does (config, manifest, per_prompt, metrics)."""
+    """Write a run folder the way bench.run.runner.run_detect does (config, manifest, per_prompt, metrics)."""
     cfg = {"kind": "detect", "task": {"name": task}, "model": {"name": model},
            "detector": {"id": det}, "seed": seed, "prompt_set_sha256": ps.sha256}
     name = f"{task}__{model}__{det}__{config_hash(cfg)}"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tasks import promptsets as ps
-from tasks.promptsets import PromptFileError, load_prompt_file
+from bench.errors import PromptFileError
+from bench.run.prompt_file import load_prompt_file
 
 SHIPPED = {
     "sdv1_500_memorized_labeled.jsonl", "nonmem_laion_500_nemo.jsonl",

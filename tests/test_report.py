@@ -16,7 +16,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.report import build_report
+from bench.report.html_report import build_report
 
 OPT_OUT = "DIFFMEM_SKIP_BROWSER_TESTS"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,4 +1,4 @@
-"""bench.retrieval: FAISS neighbour index vs numpy brute force, save/load (memory-mapped), identity
+"""bench.measure.retrieval: FAISS neighbour index vs numpy brute force, save/load (memory-mapped), identity
 checks, chunked IVF-PQ build from .npy shards, and the cached MemWorld training index."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from bench.embed import PixelEmbedder, l2_normalize
-from bench.retrieval import (EmbedderIdentity, IndexMismatchError, NeighbourIndex, check_embeddings,
+from bench.measure.embed import PixelEmbedder, l2_normalize
+from bench.measure.retrieval import (EmbedderIdentity, IndexMismatchError, NeighbourIndex, check_embeddings,
                              training_index)
 
 
@@ -188,7 +188,7 @@ def test_index_image_files_folder(tmp_path):
     """A folder of PNGs of two sizes: embedded in chunks, each image finds itself, row i = files.txt line i."""
     from PIL import Image
 
-    from bench.image_index import files_sha256, image_files, index_image_files, read_image
+    from bench.measure.image_index import files_sha256, image_files, index_image_files, read_image
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "train"

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.runner import run_detect
+from bench.run.runner import run_detect
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 GROUPS = ["model", "task", "detector", "hardware"]
@@ -32,13 +32,13 @@ def test_every_config_composes(group, tmp_path):
 
 
 def test_sd_model_without_path_is_a_clear_error(tmp_path):
-    from bench.runner import build_model
+    from bench.run.runner import build_model
 
     c = cfg_for(tmp_path, "model=sd14", f"model.path={tmp_path}/nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model(c["model"])
     with pytest.raises(ValueError, match="model.path"):
-        build_model({"kind": "folder", "name": "sd14", "path": "???"})
+        build_model({"_target_": "bench.core.model.load_folder", "kind": "folder", "name": "sd14", "path": "???"})
 
 
 def test_run_detect_writes_run_folder_and_leaderboard(tmp_path, small_organism):
@@ -96,3 +96,24 @@ def test_webster500_on_tiny_sd_end_to_end(tmp_path, tiny_sd_path):
     assert lb.loc[0, "task"] == "webster500" and lb.loc[0, "n_pos"] == 3
     assert lb.loc[0, "n_neg"] == 12  # 3 each of laion, coco, lexica, random_tokens
     assert 0.0 <= lb.loc[0, "auc"] <= 1.0
+
+
+def test_run_key_does_not_depend_on_the_loader_path(tmp_path, small_organism):
+    """Run folders are keyed by what determines the numbers: a model or task config's ``_target_`` (its
+    loader's import path) is left out, so naming loaders in conf/ kept the keys of committed runs."""
+    from bench.core.model import weights_sha256
+    from bench.run.io import RunFolder, config_hash
+    from bench.run.runner import build_task, detect_run_config
+
+    c = cfg_for(tmp_path, "model=organism_small", "task.labels=planted", "task.max_per_group=1", "detector=nm_n1_k1")
+    assert c["model"]["_target_"] and c["task"]["_target_"]
+    bare = {**c, "model": {k: v for k, v in c["model"].items() if k != "_target_"},
+            "task": {k: v for k, v in c["task"].items() if k != "_target_"}}
+    w = weights_sha256(small_organism)
+    ps = build_task(c["task"], c["model"], small_organism, w)
+    keyed, plain = (detect_run_config(x, ps.sha256, small_organism, w) for x in (c, bare))
+    assert keyed == plain and config_hash(keyed) == config_hash(plain)
+    assert "_target_" not in keyed["model"] and "_target_" not in keyed["task"]
+    names = {RunFolder(tmp_path / "runs", "detect", "organism", small_organism.name, "nm_n1_k1", x).name
+             for x in (keyed, plain)}
+    assert len(names) == 1

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench.runner import run_detect
+from bench.run.runner import run_detect
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -80,7 +80,7 @@ def test_a_clone_resumes_the_same_run_and_changed_weights_start_a_new_one(tmp_pa
 
 # ---------------------------------------------------------------------- 2. partial runs
 def test_smoke_runs_are_marked_partial_and_listed_apart(tmp_path, small_organism):
-    from bench.plots import markdown_table, rebuild_all
+    from bench.report.plots import markdown_table, rebuild_all
 
     m = run_detect(small(tmp_path, "task.max_per_group=2"), model=small_organism, progress=False)
     n = m["n_pos"] + m["n_neg"]
@@ -107,7 +107,7 @@ def test_an_overridden_detector_gets_an_id_showing_the_difference(tmp_path, smal
     over = run_detect(small(tmp_path, "detector.guidance=5"), model=small_organism, progress=False)
     assert plain["detector"] == "nm_n1_k1" and over["detector"] == "nm_n1_k1[guidance=5]"
     assert "__nm_n1_k1[guidance=5]__" in over["run"] and over["run"] != plain["run"]
-    from bench.runner import config_id
+    from bench.run.registry import config_id
 
     det = cfg_for(tmp_path, "detector=nm_n1_k1")["detector"]
     assert config_id("detector", {**det, "guidance": float("nan"), "n_gen": 4}) == "nm_n1_k1[guidance=nan,n_gen=4]"
@@ -119,7 +119,7 @@ def test_an_overridden_detector_gets_an_id_showing_the_difference(tmp_path, smal
 
 
 # ---------------------------------------------------------------------- 4. exclusive locks
-HOLD = ("import sys; from bench.io import acquire_lock; acquire_lock(sys.argv[1], 'test'); "
+HOLD = ("import sys; from bench.run.io import acquire_lock; acquire_lock(sys.argv[1], 'test'); "
         "print('held', flush=True); sys.stdin.read()")
 
 
@@ -134,7 +134,7 @@ def hold(lock_file: Path) -> subprocess.Popen:
 def test_a_second_process_on_the_same_run_or_output_stops_at_once_naming_the_holder(tmp_path, small_organism,
                                                                                      world_prompts, capsys,
                                                                                      monkeypatch):
-    from bench.screen import cli
+    from bench.run.calibrate_cmd import cli
 
     m = run_detect(small(tmp_path), model=small_organism, progress=False)
     run = tmp_path / "runs" / m["run"]
@@ -206,7 +206,7 @@ def full_disk(monkeypatch, match: str) -> None:
 
 def test_a_full_disk_leaves_manifests_leaderboards_and_reports_intact(tmp_path, small_organism, world_prompts,
                                                                       monkeypatch):
-    from bench.screen import run_screen
+    from bench.run.screen import run_screen
 
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"prompt": x}) + "\n" for x in world_prompts[0][:4]))
@@ -221,7 +221,9 @@ def test_a_full_disk_leaves_manifests_leaderboards_and_reports_intact(tmp_path, 
     assert sorted(p.name for p in res.manifest.parent.iterdir() if ".tmp" in p.name) == []
     assert run_screen(c, model=small_organism, progress=False).n_scored == 4   # resume is not blocked
 
-    from bench.io import RunFolder, atomic_to_csv, atomic_write_text
+    from bench.core.atomic import atomic_to_csv, atomic_write_text
+
+    from bench.run.io import RunFolder
 
     run = RunFolder(tmp_path / "runs", "detect", "t", "m", "d", {"a": 1})
     run.write_manifest(note="old")

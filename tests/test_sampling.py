@@ -1,4 +1,4 @@
-"""bench.sampling.sample: the CFG loop against a hand-written reference, batch independence,
+"""bench.core.sampling.sample: the CFG loop against a hand-written reference, batch independence,
 stop_after / on_step plumbing, and seeding. Runs on the test organism and the tiny random SD."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.model import load_model
-from bench.sampling import StepInfo, sample
+from bench.core.model import load_model
+from bench.core.sampling import StepInfo, sample
 
 STEPS = 4
 # Per-row quantities (eps) are compared with torch.allclose's semantics. Final latents are compared
@@ -188,7 +188,7 @@ def test_prompt_embeds_replace_encoder(model):
 
 # ---------------------------------------------------------------------- SD 2.x (v-prediction)
 def _reference_cfg_ddim(model, prompts, seeds, steps, guidance, *, native_v: bool):
-    """A DDIM CFG loop written here, outside bench.sampling, for a v-prediction model.
+    """A DDIM CFG loop written here, outside bench.core.sampling, for a v-prediction model.
 
     ``native_v=False``: the adapter's eps (v converted) stepped by an *epsilon* DDIM scheduler;
     ``native_v=True``: the raw UNet v output (no conversion) stepped by a *v_prediction* scheduler,

@@ -16,10 +16,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench.io import RunFolder
-from bench.merge import ShardSetError, merge_runs_dir, merge_shards
-from bench.runner import run_detect, shard_device
-from bench.shard import Shard
+from bench.run.io import RunFolder
+from bench.run.merge import ShardSetError, merge_runs_dir, merge_shards
+from bench.run.runner import run_detect, shard_device
+from bench.run.shard import Shard
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SMALL = ["model=organism_small", "task.labels=planted", "detector=nm_n1_k1", "hardware.threads=1"]

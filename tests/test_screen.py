@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
-from bench import screen
-from bench.calibration import Calibration, CalibrationError, CalibrationMismatchError
-from bench.screen import (EXIT_BAD_FILE, EXIT_CALIBRATION, EXIT_CONFIG, EXIT_LINES_REJECTED, merge_shards,
-                          read_output, run_calibrate, run_screen)
-from tasks.promptsets import PromptFileError
+from bench.run import screen
+from bench.measure.calibration import Calibration, CalibrationError, CalibrationMismatchError
+from bench.run.calibrate_cmd import run_calibrate
+from bench.run.screen import (EXIT_BAD_FILE, EXIT_CALIBRATION, EXIT_CONFIG, EXIT_LINES_REJECTED, merge_shards,
+                              read_output, run_screen)
+from bench.errors import PromptFileError
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -10,9 +10,9 @@ import torch
 
 from baselines.detectors.noise_magnitude import NoiseMagnitude
 from baselines.detectors.noise_magnitude_naive import NoiseMagnitudeNaive
-from bench.hardware import fit_batch_size, rows_that_fit, samples_that_fit
-from bench.speed import Spec, build_specs, floor_runner, main, measure
-from bench.speed_report import summarise
+from bench.core.hardware import fit_batch_size, rows_that_fit, samples_that_fit
+from tasks.studies.speed import Spec, build_specs, floor_runner, main, measure
+from bench.report.speed_report import summarise
 
 PROMPTS = ["a red circle", "worcester mooney poster", "a blue square on stripes"]
 
@@ -141,7 +141,7 @@ def test_memory_fit_arithmetic_and_cpu_passthrough(small_organism):
 
 
 def test_sd15_shape_without_weights():
-    from bench.sd15_random import SD15_UNET_PARAMS, sd15_unet
+    from bench.core.sd15_random import SD15_UNET_PARAMS, sd15_unet
 
     unet = sd15_unet("meta")                        # no memory, no download
     assert sum(p.numel() for p in unet.parameters()) == SD15_UNET_PARAMS
@@ -153,7 +153,7 @@ def test_sd15_shape_without_weights():
 def test_gpu_fit_and_sd15_fp16_scores_agree():
     """On a CUDA device: the memory fit caps a huge request, and the batched detector equals the naive
     one on the random SD-1.5-shaped model in float16 (k = 1, first step: same inputs)."""
-    from bench.sd15_random import sd15_random
+    from bench.core.sd15_random import sd15_random
 
     m = sd15_random(device="cuda", dtype="float16", vae=False)
     assert 1 <= fit_batch_size(m, 10 ** 6) < 10 ** 6

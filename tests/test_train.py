@@ -1,4 +1,4 @@
-"""bench.train: bit-exact resume from checkpoints, the loss history, and TrainHook.keep."""
+"""bench.core.train: bit-exact resume from checkpoints, the loss history, and TrainHook.keep."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bench.train import TrainConfig, train
+from bench.core.train import TrainConfig, train
 from tasks.organism import fresh_model, small_config, train_data
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import bench.train
+import bench.core.train
 from baselines.mitigators.prompt_augment import insert_items, random_vocab_words
 from baselines.mitigators.train_augment import (RandomTokenCaptions, TrainRandomTokens, split_weights)
-from tasks.finetune_world import finetune_config_from_dict, finetune_world, train_data
+from tasks.finetune_world import WorldFinetuner, finetune_config_from_dict, finetune_world, train_data
 
+FT = WorldFinetuner()   # the organism world's fine-tuning protocol (bench.contracts.Finetuner)
 TINY = {"n_mv": 2, "dup_mv": 6, "n_fg": 1, "fg_images": 3, "dup_fg": 2, "eval_fg": 2, "n_bg": 1, "bg_images": 3,
         "dup_bg": 2, "eval_bg": 2, "n_utility": 2,
         "train": {"steps": 3, "batch_size": 8, "warmup": 1, "checkpoint_every": 2, "threads": 0}}
@@ -65,7 +66,7 @@ def test_fresh_draw_is_seeded(tok):
 
 
 def test_default_is_fresh_and_params_record_it(small_organism, monkeypatch):
-    rt = TrainRandomTokens(strength=0.5, finetune=TINY)
+    rt = TrainRandomTokens(strength=0.5, finetune=TINY, finetuner=FT)
     assert rt.draw == "fresh" and rt.n_variants is None
     assert rt.method() == {"name": "train_random_token", "p": 0.5, "n_tokens": 1, "draw": "fresh"}
     assert rt.transform(small_organism, None, seed=0) is None           # no data change: per-batch hook
@@ -75,7 +76,7 @@ def test_default_is_fresh_and_params_record_it(small_organism, monkeypatch):
     assert p["draw_seeds"] == {"fit_seed": 5, "train_seed": 0} and "step" in p["draw_rng"]
     (h,) = rt.hooks(small_organism, None)
     assert isinstance(h, RandomTokenCaptions) and (h.p, h.n_tokens, h.seed, h.train_seed) == (0.5, 1, 5, 0)
-    assert hasattr(h, "captions") and hasattr(bench.train, "CaptionHook")   # the loop's caption seam
+    assert hasattr(h, "captions") and hasattr(bench.core.train, "CaptionHook")   # the loop's caption seam
     with pytest.raises(ValueError, match="only applies to draw='pool'"):
         TrainRandomTokens(strength=0.5, n_variants=4)
     with pytest.raises(ValueError, match="draw must be one of"):
@@ -96,7 +97,7 @@ def _legacy_pool(data, tok, p, n, pool, seed):
 def test_pool_keeps_the_old_behaviour(small_organism, small_world, tok):
     ftw = finetune_world(small_world, finetune_config_from_dict(TINY))
     data = train_data(ftw)
-    rt = TrainRandomTokens(strength=0.5, draw="pool", finetune=TINY)
+    rt = TrainRandomTokens(strength=0.5, draw="pool", finetune=TINY, finetuner=FT)
     assert rt.n_variants == 4                                           # the earlier default pool size
     assert rt.method() == {"name": "train_random_token", "p": 0.5, "n_tokens": 1, "pool": 4}   # old cache key
     assert rt.hooks(small_organism, ftw) == ()
@@ -110,7 +111,7 @@ def test_pool_keeps_the_old_behaviour(small_organism, small_world, tok):
 
 
 def test_conf_builds_the_fresh_default():
-    from tasks.finetune_mitigate import make_mitigator, mitigator_conf
+    from tasks.studies.finetune_mitigate import make_mitigator, mitigator_conf
 
     m = make_mitigator(mitigator_conf("train_random_token"), 0.5, TINY)
     assert isinstance(m, TrainRandomTokens) and m.draw == "fresh" and m.n_tokens == 1 and m.strength == 0.5
@@ -124,7 +125,7 @@ def test_fresh_fine_tune_end_to_end(small_organism, tmp_path):
 
     runs = []
     for root in ("a", "b"):
-        rt = TrainRandomTokens(strength=1.0, n_tokens=2, finetune=TINY, cache_dir=str(tmp_path / root))
+        rt = TrainRandomTokens(strength=1.0, n_tokens=2, finetune=TINY, finetuner=FT, cache_dir=str(tmp_path / root))
         rt.fit(small_organism, seed=0)
         runs.append(rt)
     r = runs[0].fit_report
@@ -134,7 +135,7 @@ def test_fresh_fine_tune_end_to_end(small_organism, tmp_path):
     assert hook == runs[1].fit_report["hook_report"][0]                 # same seed: same draws
     assert same(runs[0].finetuned.unet, runs[1].finetuned.unet)                # bit-reproducible build
     from baselines.mitigators.train_time import PlainFinetune
-    plain = PlainFinetune(finetune=TINY, cache_dir=str(tmp_path / "a"))
+    plain = PlainFinetune(finetune=TINY, finetuner=FT, cache_dir=str(tmp_path / "a"))
     plain.fit(small_organism, seed=0)
     assert not same(plain.finetuned.unet, runs[0].finetuned.unet)              # the captions changed training
 
@@ -160,7 +161,7 @@ def test_caption_seam_contract(small_organism, small_world, tmp_path):
     """The loop encodes a hook's per-batch captions for those samples only; dropped samples stay empty."""
     import copy
 
-    from bench.train import TrainConfig, train
+    from bench.core.train import TrainConfig, train
     from tasks.finetune_world import model_with_unet
 
     data = train_data(finetune_world(small_world, finetune_config_from_dict(TINY)))

@@ -53,10 +53,10 @@ def test_user_mitigator_composes_and_generates(user_folder, monkeypatch, small_o
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from baselines.mitigators.base import GenSpec
+    from bench.contracts import GenSpec
     from bench.cli import CONF, include_overrides
-    from bench.runner import instantiate
-    from bench.validate import check_config
+    from bench.run.registry import instantiate
+    from bench.run.validate import check_config
 
     monkeypatch.setenv("DIFFMEM_INCLUDE", str(user_folder))
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -81,14 +81,14 @@ def test_include_that_is_not_a_folder_is_a_config_error(tmp_path, monkeypatch, c
 
 
 def test_a_target_that_cannot_be_imported_is_a_config_error(tmp_path, monkeypatch, capsys):
-    import bench.runner
+    import bench.run.runner
     from bench.cli import main
 
     (tmp_path / "u" / "conf" / "detector").mkdir(parents=True)
     (tmp_path / "u" / "conf" / "detector" / "nope.yaml").write_text("_target_: no_such_module.Nope\nid: nope\n")
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("DIFFMEM_INCLUDE", str(tmp_path / "u"))
-    monkeypatch.setattr(bench.runner, "build_model", lambda *a, **k: pytest.fail("model loaded first"))
+    monkeypatch.setattr(bench.run.runner, "build_model", lambda *a, **k: pytest.fail("model loaded first"))
     with pytest.raises(SystemExit) as e:
         main(["detect", "detector=nope", f"runs_dir={tmp_path}/runs"])
     err = capsys.readouterr().err

@@ -13,12 +13,13 @@ edges; ties broken by the mean). Higher = more memorized, whatever the reduction
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from bench.embed import cosine_matrix, get_embedder, tiled_l2
-from bench.model import DiffusionModel
-from bench.sampling import sample
+from bench.measure.embed import cosine_matrix, get_embedder, tiled_l2
+from bench.core.model import DiffusionModel
+from bench.core.sampling import sample
 
 REDUCTIONS = ("mean", "closest", "count")
 
@@ -35,6 +36,7 @@ class GenerationDensity:
     sscd_resize: int = 288
     batch_size: int = 256
     name: str = "generation_density"
+    fuse: ClassVar[str] = "density"   # can share a fused sampling pass (bench.run.detect_fused)
 
     def __post_init__(self):
         if self.space not in ("pixel", "sscd"):

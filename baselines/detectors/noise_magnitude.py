@@ -12,12 +12,13 @@ in the prompt file. The norm is the L2 norm over the whole latent, not a per-ele
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from bench.model import DiffusionModel
-from bench.sampling import StepInfo, sample
+from bench.core.model import DiffusionModel
+from bench.core.sampling import StepInfo, sample
 
 
 def check_grid(n_gen: int, steps: int, total_steps: int) -> None:
@@ -36,6 +37,7 @@ class NoiseMagnitude:
     guidance: float = 7.5
     batch_size: int = 256          # samples per UNet call (each carries a cond and an uncond row)
     name: str = "noise_magnitude"
+    fuse: ClassVar[str] = "noise"   # can share a fused sampling pass (bench.run.detect_fused)
 
     def __post_init__(self):
         check_grid(self.n_gen, self.steps, self.total_steps)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from baselines.detectors.noise_magnitude import check_grid
-from bench.model import DiffusionModel
+from bench.core.model import DiffusionModel
 
 
 @dataclass

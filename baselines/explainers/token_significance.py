@@ -7,7 +7,7 @@ text-encoder OUTPUT, averaged over the target steps. Higher = the token drives t
 noise (memorization) more. BOS/CLS, EOS/SEP and padding are dropped from the display.
 
 Protocol choices (recorded in ``params``):
-- Gradient path. ``bench.sampling.sample`` is THE loop and runs under ``torch.inference_mode``, so
+- Gradient path. ``bench.core.sampling.sample`` is THE loop and runs under ``torch.inference_mode``, so
   the gradient is taken inside its ``on_step`` callback: inference mode is switched off locally, the
   latents the loop saw are cloned into ordinary tensors, and the conditional rows are evaluated once
   more with a fresh leaf copy of e_p. That costs ``n_gen`` extra UNet rows (forward + backward) per
@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.model import DiffusionModel, PromptError
-from bench.sampling import StepInfo, sample
+from bench.core.model import DiffusionModel, PromptError
+from bench.core.sampling import StepInfo, sample
 
 
 @dataclass

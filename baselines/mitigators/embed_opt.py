@@ -30,9 +30,9 @@ from typing import ClassVar
 
 import torch
 
-from baselines.mitigators.base import GenSpec, Mitigator
-from bench.model import DiffusionModel
-from bench.sampling import SampleResult, sample
+from bench.contracts import GenSpec, Mitigator
+from bench.core.model import DiffusionModel
+from bench.core.sampling import SampleResult, sample
 
 
 @dataclass

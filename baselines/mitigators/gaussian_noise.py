@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import torch
 
-from baselines.mitigators.base import GenSpec, Mitigator
+from bench.contracts import GenSpec, Mitigator
 from baselines.mitigators.prompt_augment import prompt_rng
-from bench.model import DiffusionModel
-from bench.sampling import SampleResult, sample
+from bench.core.model import DiffusionModel
+from bench.core.sampling import SampleResult, sample
 
 
 @dataclass

@@ -44,12 +44,12 @@ from typing import Callable, ClassVar
 
 import torch
 
-from baselines.mitigators.base import GenSpec, Mitigator
+from bench.contracts import GenSpec, Mitigator
 from baselines.mitigators.nemo_signal import (SignalConfig, initial_noise, ms_ssim, noise_diff,
                                               pairwise_max_ssim, signal_timestep)
-from bench.model import DiffusionModel
-from bench.patching import forward_hooks
-from bench.sampling import SampleResult, sample
+from bench.core.model import DiffusionModel
+from bench.core.patching import forward_hooks
+from bench.core.sampling import SampleResult, sample
 
 Neurons = frozenset[tuple[str, int]]      # {(to_v layer name, output channel)}
 SEARCH_SPACES = {"down_mid": ("down_blocks.", "mid_block."),                  # NeMo

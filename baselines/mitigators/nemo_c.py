@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from baselines.mitigators.nemo import NeMo, Neurons
-from bench.model import DiffusionModel
+from bench.core.model import DiffusionModel
 
 
 @dataclass

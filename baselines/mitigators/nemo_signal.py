@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.model import DiffusionModel
+from bench.core.model import DiffusionModel
 
 NEMO_KERNEL = 11
 NEMO_SIGMA = 1.5

@@ -21,9 +21,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from baselines.mitigators.base import GenSpec, Mitigator
-from bench.model import DiffusionModel
-from bench.sampling import SampleResult, sample
+from bench.contracts import GenSpec, Mitigator
+from bench.core.model import DiffusionModel
+from bench.core.sampling import SampleResult, sample
 
 CLIP_RANDOM_ID_HIGH = 49400
 

@@ -9,7 +9,7 @@ prompts "" ("base"), same seeds. Wanda score S_ij = |W_ij| * ||X_j||_2. Per time
 output row i the top k = round(ratio * in_features) weights by target score are taken and only those
 whose target score exceeds the base score are kept; the masks are united over the timesteps (a weight
 is selected if it is in more than select_ratio * n_timesteps of them; select_ratio 0 = plain union).
-Generation zeroes the selected weights through ``bench.patching.masked_weights`` (restored on exit;
+Generation zeroes the selected weights through ``bench.core.patching.masked_weights`` (restored on exit;
 the published method edits the weights permanently).
 
 Choices where the code is not explicit (recorded in ``params()``): only the conditional CFG rows are
@@ -27,10 +27,10 @@ from typing import ClassVar
 
 import torch
 
-from baselines.mitigators.base import GenSpec, Mitigator
-from bench.model import DiffusionModel
-from bench.patching import forward_hooks, masked_weights
-from bench.sampling import SampleResult, StepInfo, sample
+from bench.contracts import GenSpec, Mitigator
+from bench.core.model import DiffusionModel
+from bench.core.patching import forward_hooks, masked_weights
+from bench.core.sampling import SampleResult, StepInfo, sample
 
 TARGET_SUFFIX = "ff.net.2"
 

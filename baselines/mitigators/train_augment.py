@@ -13,9 +13,9 @@ Two ways of drawing the tokens (``draw``, recorded in ``params()`` and in the fi
   Each time THE training loop draws a pair, with probability p its caption gets ``n_tokens`` new
   random tokens at new positions, so two draws of the same caption (in one batch or in different
   steps) almost never carry the same augmentation. THE loop encodes every distinct caption once
-  with the frozen text encoder (``bench.train._caption_table``), so the augmented captions are
+  with the frozen text encoder (``bench.core.train._caption_table``), so the augmented captions are
   supplied per batch by a training hook (``RandomTokenCaptions.captions``) and encoded by the loop
-  for those samples only (the per-batch caption seam of ``bench/train.py``). The draw is seeded:
+  for those samples only (the per-batch caption seam of ``bench/core/train.py``). The draw is seeded:
   a generator keyed by (fit seed, training seed, step), so a build is reproducible, independent of
   the loop's own generator (the pair / noise / timestep stream is the one of plain fine-tuning) and
   of resuming from a checkpoint. Caption-dropped samples stay unconditional.
@@ -36,7 +36,7 @@ import torch
 
 from baselines.mitigators.prompt_augment import insert_items, random_vocab_words
 from baselines.mitigators.train_time import FinetuneMitigator
-from bench.train import TrainData
+from bench.core.train import TrainData
 
 DRAWS = ("fresh", "pool")
 DEFAULT_N_VARIANTS = 4
@@ -145,7 +145,8 @@ class TrainRandomTokens(FinetuneMitigator):
                               "word-boundary positions (Somepalli et al. 2023b RT / Wen et al.'s baseline)")
             d["draw_rng"] = ("numpy default_rng([fit seed, training seed, step, "
                              f"{FRESH_RNG_TAG:#x}]), one uniform per batch position then its tokens")
-            d["draw_seeds"] = {"fit_seed": self.fit_seed, "train_seed": self.protocol().train.seed}
+            d["draw_seeds"] = {"fit_seed": self.fit_seed,
+                               "train_seed": self.protocol().train.seed if self.finetuner is not None else None}
         else:
             d["draw_rule"] = (f"pool (deviation): {self.n_variants} variants per pair drawn once from the seed; "
                               "weight (1 - p) w on the original caption, p w / n_variants on each variant")

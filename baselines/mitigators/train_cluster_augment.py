@@ -6,14 +6,14 @@ so everything below (what is clustered, the dense test, the augmentation) is our
 FB-Mem reports that single prompts link to CLUSTERS of similar training images and that local
 (foreground) memorization survives neuron-level mitigation. Reading (b) of 7c clusters the TRAINING
 IMAGES instead, which is what a training-time mitigator can act on: here the fine-tuning set's images
-are embedded with SSCD (``bench.embed.get_embedder("sscd")``, sscd_disc_mixup, 288 px) and clustered
+are embedded with SSCD (``bench.measure.embed.get_embedder("sscd")``, sscd_disc_mixup, 288 px) and clustered
 with FAISS k-means (``faiss.Kmeans``, spherical, seeded by the fit seed, each image weighted by its
 number of training rows, i.e. duplicates counted as in web data). A cluster is DENSE when both
 - its mass (training rows, duplicates counted) >= ``mass_factor`` x the mean cluster mass, and
 - its tightness (mass-weighted mean cosine of its members to the normalised centroid) >= ``min_tightness``.
 k = 16 and mass_factor 1 are the method's fixed design choices (one cluster per ~50 images; "heavier
 than the average cluster"). ``min_tightness`` is CHOSEN ON A HELD-OUT WORLD, never on the scored one
-(``tasks/cluster_tightness.py``, ``python -m tasks.cluster_tightness``): the selection world is the
+(``tasks/studies/cluster_tightness.py``, ``python -m tasks.studies.cluster_tightness``): the selection world is the
 fine-tuning world drawn with both seeds of the scored one offset by 1000 (base world
 ``MemWorldConfig.seed`` 1000 instead of 0, ``FinetuneConfig.seed`` 1001 instead of 1; organism-v2's
 world config otherwise; sha256 716e85aa48f8...), so it shares no image with the scored world. Rule:
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from baselines.mitigators.train_time import FinetuneMitigator
-from bench.train import TrainData
+from bench.core.train import TrainData
 
 
 def cluster_images(emb: np.ndarray, weights: np.ndarray, k: int, *, seed: int, niter: int = 25) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +75,7 @@ def image_weights(data: TrainData) -> tuple[np.ndarray, np.ndarray]:
 
 def embed_images(data: TrainData, used: np.ndarray, *, sscd_resize: int = 288) -> np.ndarray:
     """SSCD embeddings (sscd_disc_mixup at ``sscd_resize`` px) of the used images."""
-    from bench.embed import get_embedder
+    from bench.measure.embed import get_embedder
 
     sscd = get_embedder("sscd", resize=sscd_resize, threads=max(1, torch.get_num_threads()), progress=False)
     return sscd.embed(((data.x0[used].float() + 1) / 2).numpy())
@@ -83,7 +83,7 @@ def embed_images(data: TrainData, used: np.ndarray, *, sscd_resize: int = 288) -
 
 def cluster_training_images(data: TrainData, *, n_clusters: int, seed: int, sscd_resize: int = 288,
                             emb: np.ndarray | None = None):
-    """THE clustering of the mitigator (also used to choose ``min_tightness``, tasks/cluster_tightness.py):
+    """THE clustering of the mitigator (also used to choose ``min_tightness``, tasks/studies/cluster_tightness.py):
     (used image ids, their masses, embeddings, assignment, centroids). ``emb`` skips SSCD."""
     used, w = image_weights(data)
     if emb is None:
@@ -129,7 +129,7 @@ def augment_image(x: torch.Tensor, rng: np.random.Generator, *, max_shift: int, 
     return (img.clamp(0, 1) * 2 - 1).to(x.dtype)
 
 
-# How the default min_tightness was chosen (tasks/cluster_tightness.py); recorded in every run's params.
+# How the default min_tightness was chosen (tasks/studies/cluster_tightness.py); recorded in every run's params.
 MIN_TIGHTNESS_SELECTION = {
     "value": 0.80,
     "rule": "smallest multiple of 0.01 strictly above the max tightness of the non-empty ordinary-only "
@@ -139,7 +139,7 @@ MIN_TIGHTNESS_SELECTION = {
                         "sha256_prefix": "716e85aa48f8", "kmeans_seed": 0, "n_clusters": 16, "mass_factor": 1.0},
     "scored_world": {"base_world_seed": 0, "finetune_seed": 1},
     "selection_ordinary_only_tightness_max": 0.7954,
-    "command": "OMP_NUM_THREADS=1 python -m tasks.cluster_tightness",
+    "command": "OMP_NUM_THREADS=1 python -m tasks.studies.cluster_tightness",
 }
 
 

@@ -3,11 +3,11 @@
 For every training batch, at the same noisy inputs x_t and timesteps t the loss uses, one extra
 UNet forward without gradient gives eps(x_t, e_empty); a sample counts in the loss only when
 m = || eps(x_t, e_p) - eps(x_t, e_empty) ||_2 (over the flattened sample) < tau. If no sample of a
-batch is kept the update is skipped (``bench.train.train`` does both). Cost: +1 UNet forward per batch.
+batch is kept the update is skipped (``bench.core.train.train`` does both). Cost: +1 UNet forward per batch.
 
 Strength = 1 / tau (0 = tau infinite = plain fine-tuning). Wen uses tau = 2 on SD's 4x64x64 latents;
 the organism's 3x16x16 pixel samples have their own scale, so tau is calibrated on the organism
-(``noise_magnitudes``; ``tasks.finetune_mitigate calibrate``): the distribution of m over ordinary
+(``noise_magnitudes``; ``tasks.studies.finetune_mitigate calibrate``): the distribution of m over ordinary
 pairs and over duplicated (planted) pairs at random t ~ U{0..999} with fresh noise, exactly as the
 training loop draws them, measured on the base organism (whose own planted pairs are memorized, the
 analogue of the memorized pairs in Wen's LAION data) and on the plain fine-tune. The swept taus sit
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from baselines.mitigators.train_time import FinetuneMitigator
-from bench.model import DiffusionModel
+from bench.core.model import DiffusionModel
 
 
 def text_cond_magnitude(model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, eps_text: torch.Tensor,

@@ -1,7 +1,8 @@
 """Shared body of the training-time mitigators: fit fine-tunes a copy, generate samples from it.
 
-DESIGN.md section 4: training-time methods add a ``fit`` that uses ``bench/train.py``. Here ``fit``
-fine-tunes a COPY of the passed model on the fine-tuning protocol's data (``tasks.finetune_world``:
+DESIGN.md section 4: training-time methods add a ``fit`` that uses ``bench/core/train.py``. Here ``fit``
+fine-tunes a COPY of the passed model on the fine-tuning protocol's data (its ``finetuner``, a
+``bench.contracts.Finetuner`` the builder passes; the organism's is ``tasks.finetune_world.WorldFinetuner``:
 the base world's ordinary pairs plus a newly planted duplicated set) with the method's hooks or data
 transform, or loads that fine-tune from the cache; ``generate`` runs THE sampling loop on the copy.
 The passed model's weights are never modified, so "restore exactly" holds trivially. The copy
@@ -23,10 +24,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
-from baselines.mitigators.base import GenSpec, Mitigator
-from bench.model import DiffusionModel
-from bench.sampling import SampleResult, sample
-from bench.train import TrainData
+from bench.contracts import Finetuner, GenSpec, Mitigator
+from bench.core.model import DiffusionModel
+from bench.core.sampling import SampleResult, sample
+from bench.core.train import TrainData
 
 PLAIN = {"name": "plain_finetune"}
 
@@ -34,8 +35,9 @@ PLAIN = {"name": "plain_finetune"}
 @dataclass
 class FinetuneMitigator(Mitigator):
     strength: float = 0.0
-    finetune: dict = field(default_factory=dict)      # tasks.finetune_world.FinetuneConfig overrides
-    cache_dir: str = ""                               # "" = tasks.finetune_world.cache_root()
+    finetune: dict = field(default_factory=dict)      # the protocol's config overrides (FinetuneConfig)
+    cache_dir: str = ""                               # "" = the protocol's default cache
+    finetuner: Finetuner | None = field(default=None, repr=False, compare=False)   # the world's protocol
     name: ClassVar[str] = "finetune"
     strength_unit: ClassVar[str] = "-"
 
@@ -52,34 +54,38 @@ class FinetuneMitigator(Mitigator):
         return PLAIN
 
     def hooks(self, model: DiffusionModel, world) -> tuple:
-        """Training hooks (``bench.train.TrainHook``); built after ``fit`` has set ``self.fit_seed``."""
+        """Training hooks (``bench.core.train.TrainHook``); built after ``fit`` has set ``self.fit_seed``."""
         return ()
 
     def transform(self, model: DiffusionModel, world, seed: int) -> Callable[[TrainData], tuple[TrainData, dict]] | None:
         return None
 
     # -- contract ----------------------------------------------------------------------------------
+    def _protocol(self) -> Finetuner:
+        if self.finetuner is None:
+            raise ValueError(f"{self.name}: no finetuner: a training-time mitigator needs the world's fine-tuning "
+                             "protocol (finetuner=tasks.finetune_world.WorldFinetuner(); "
+                             "tasks/studies/finetune_mitigate.py passes it)")
+        return self.finetuner
+
     def protocol(self):
-        from tasks.finetune_world import finetune_config_from_dict
-        return finetune_config_from_dict(self.finetune)
+        return self._protocol().config(self.finetune)
 
     def fit(self, model: DiffusionModel, *, memorized: list[str] | None = None, reference: list[str] | None = None,
             seed: int = 0) -> None:
-        from bench.runner import world_for
-        from tasks.finetune_world import finetune, finetune_world
-
+        ftr = self._protocol()
         cfg = self.protocol()
-        world = finetune_world(world_for(None, model), cfg)
+        world = ftr.world(model, cfg)
         root = self.cache_dir or None
         self.fit_seed = int(seed)
-        plain = finetune(model, world, cfg, method=PLAIN, root=root)
+        plain = ftr.finetune(model, world, cfg, method=PLAIN, root=root)
         method = self.method() if self.strength else PLAIN
         if method == PLAIN:
             ft = plain
         else:
             method = {**method, "seed": int(seed)}
-            ft = finetune(model, world, cfg, method=method, hooks=self.hooks(model, world),
-                          transform=self.transform(model, world, seed), root=root)
+            ft = ftr.finetune(model, world, cfg, method=method, hooks=self.hooks(model, world),
+                              transform=self.transform(model, world, seed), root=root)
         self._ft = ft
         self.world = world
         m, p = ft.manifest, plain.manifest
@@ -108,8 +114,9 @@ class FinetuneMitigator(Mitigator):
 
     def params(self) -> dict:
         d = {"name": self.name, "strength_unit": self.strength_unit,
-             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
-        d["finetune"] = dataclasses.asdict(self.protocol())
+             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "finetuner"}}
+        # without a protocol (a bare instance, not fitted) the overrides as given
+        d["finetune"] = dataclasses.asdict(self.protocol()) if self.finetuner is not None else dict(self.finetune)
         return d
 
 
@@ -136,10 +143,11 @@ class OnPlainFinetune(Mitigator):
     inner: Mitigator = field(default_factory=Mitigator)
     finetune: dict = field(default_factory=dict)
     cache_dir: str = ""
+    finetuner: Finetuner | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.strength = self.inner.strength
-        self._plain = PlainFinetune(finetune=self.finetune, cache_dir=self.cache_dir)
+        self._plain = PlainFinetune(finetune=self.finetune, cache_dir=self.cache_dir, finetuner=self.finetuner)
         self.fit_report: dict = {}
 
     @property

@@ -7,8 +7,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from baselines.mitigators.base import GenSpec, Mitigator
-from bench.sampling import SampleResult, StepInfo, sample
+from bench.contracts import GenSpec, Mitigator
+from bench.core.sampling import SampleResult, StepInfo, sample
 
 
 @dataclass
