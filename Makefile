@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS ?= 2
 ORGANISM_VERSION ?= $(or $(DIFFMEM_ORGANISM),v2)
-# default detection grid, about 14.5 min on 2 cores by the committed run records (the full Table-1 grid, SSCD density included, is bench-detect-full)
+# default detection grid, about 11 min on 2 cores by the committed run records (16 min 45 s with density_sscd_n4 added) (the full Table-1 grid, SSCD density included, is bench-detect-full)
 DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4
 # mitigation grid: none first (the reference of clip_delta and the FB-Mem mitigation score)
 MITIGATE_GRID ?= none,rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
