@@ -186,3 +186,29 @@ def test_aniso_refuses_calibration_prompts_and_missing_split(small_organism, tmp
         Anisotropy(cos_step=50)
     with pytest.raises(ValueError, match="cosine"):
         Anisotropy(cosine="pixel")
+
+
+# ---------------------------------------------------------------------- SD-shaped models
+def test_sail_on_a_v_prediction_sd_model_matches_finite_difference(tmp_path):
+    from bench.core.model import load_model
+    from tests.conftest import make_tiny_sd
+
+    m64 = twin(load_model(make_tiny_sd(tmp_path / "v", prediction_type="v_prediction")))
+    assert m64.prediction_type == "v_prediction"               # the adapter's eps conversion is differentiated
+    fd = fd_sharpness(m64, PROMPTS[1], seed=2)
+    np.testing.assert_allclose(SailSharpness(jvp_dtype="float64").score(m64, [PROMPTS[1]], seed=2), [fd],
+                               rtol=1e-5)
+
+
+def test_bf16_sd_model_is_left_as_it_was(tiny_sd_path):
+    from bench.core.model import load_model
+
+    m = load_model(tiny_sd_path, dtype="bfloat16")
+    before = state_digest(m.unet)
+    r0 = m.counter.rows
+    s = SailSharpness().score(m, PROMPTS, seed=0)            # JVP on a float32 copy of the UNet
+    assert np.isfinite(s).all() and (s > 0).all()
+    assert m.counter.rows - r0 == len(PROMPTS) * 6
+    a = Anisotropy(n_gen=2).terms(m, PROMPTS, seed=0)
+    assert np.isfinite(a).all() and (np.abs(a[..., 1]) <= 1 + 1e-6).all()
+    assert state_digest(m.unet) == before and m.dtype == torch.bfloat16
