@@ -212,3 +212,22 @@ def test_bf16_sd_model_is_left_as_it_was(tiny_sd_path):
     a = Anisotropy(n_gen=2).terms(m, PROMPTS, seed=0)
     assert np.isfinite(a).all() and (np.abs(a[..., 1]) <= 1 + 1e-6).all()
     assert state_digest(m.unet) == before and m.dtype == torch.bfloat16
+
+
+def test_aniso_saved_fit_is_reused_with_its_provenance(small_organism, tiny_sd_path, tmp_path):
+    from bench.core.model import load_model
+
+    a = Anisotropy(gamma_mode="fit").fit(small_organism, memorized=CALIB_MEM, reference=CALIB_REF, seed=3)
+    path = a.save_fit(tmp_path / "fit.json")
+    b = Anisotropy(gamma_mode="file", gamma_file=str(path))
+    p = b.params()                                           # complete before any score (the manifest's view)
+    assert p["gamma"] == a.params()["gamma"] and p["fit"]["seed"] == 3 and len(p["gamma_file_sha256"]) == 64
+    np.testing.assert_allclose(b.score(small_organism, PROMPTS, seed=0), a.score(small_organism, PROMPTS, seed=0))
+    with pytest.raises(ValueError, match="calibration split"):
+        b.score(small_organism, [CALIB_MEM[0]], seed=0)
+    with pytest.raises(ValueError, match="other model weights"):
+        Anisotropy(gamma_mode="file", gamma_file=str(path)).score(load_model(tiny_sd_path), PROMPTS, seed=0)
+    with pytest.raises(ValueError, match="fitted with terms"):
+        Anisotropy(gamma_mode="file", gamma_file=str(path), cosine="flat")
+    with pytest.raises(ValueError, match="needs detector.gamma_file"):
+        Anisotropy(gamma_mode="file")

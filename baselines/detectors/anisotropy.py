@@ -32,9 +32,14 @@ Weights (``gamma_mode``):
      (``calibration_seed`` for the file route).
   ``score`` refuses prompts that are in the calibration split. ``params()`` records the split (ids, a
   sha256 per prompt and of the whole split, the file's sha256), the seed, the fitted gamma, intercept,
-  scaler and training AUC. Note: the runner writes ``params()`` to the manifest before the first
-  ``score``; with the file route the manifest holds the split, seed and file hash (the fitted gamma is a
-  deterministic function of those and the model weights the manifest also records), not gamma itself.
+  scaler, training AUC and the weights sha256 of the model fitted on. Note: the runner writes
+  ``params()`` to the manifest before the first ``score``; with route 1 the manifest holds the split,
+  seed and file hash (gamma is a deterministic function of those and the model weights the manifest
+  also records), not gamma itself. Route 3 puts gamma in the manifest:
+- ``file``: ``det.save_fit("fit.json")`` after a fit, then ``detector.gamma_mode=file
+  detector.gamma_file=fit.json``: the fitted weights and their whole provenance are loaded at
+  construction (so ``params()`` is complete before scoring); a file fitted with other term options or
+  on other model weights is refused; calibration prompts are refused as evaluated prompts.
 
 Deviations recorded in ``params``: terms in float32 (public: bf16); the public SD v2 branch uses score
 units (1/sigma_t^2 at t = T) for N and raw v outputs for C, the adapter here gives eps for every model;
@@ -87,9 +92,10 @@ class Anisotropy:
     cosine: str = "channel"        # channel (public code) | flat (paper formula)
     cos_pair: str = "x,c|x"        # public --mode; "x,c|x" = cos(s_u, s_D)
     gamma: tuple = (1.0, 2.0)      # (gamma_norm, gamma_cos); SD v1.4 public values
-    gamma_mode: str = "fixed"      # fixed | fit
+    gamma_mode: str = "fixed"      # fixed | fit | file
     calibration: str | None = None  # labelled JSONL for gamma_mode=fit (the split; never the evaluated prompts)
     calibration_seed: int = 0      # seeds of the calibration generations (seed + j)
+    gamma_file: str | None = None   # gamma_mode=file: a save_fit() JSON (fitted weights + provenance)
     guidance: float = 7.5          # unused by the score (the loop's DDIM update is discarded); kept for the record
     batch_size: int = 64
     name: str = "anisotropy"
@@ -108,10 +114,14 @@ class Anisotropy:
             problems.append(f"cosine={self.cosine!r} must be 'channel' or 'flat'")
         if self.cos_pair not in COS_PAIRS:
             problems.append(f"cos_pair={self.cos_pair!r} must be one of {sorted(COS_PAIRS)}")
-        if self.gamma_mode not in ("fixed", "fit"):
-            problems.append(f"gamma_mode={self.gamma_mode!r} must be 'fixed' or 'fit'")
+        if self.gamma_mode not in ("fixed", "fit", "file"):
+            problems.append(f"gamma_mode={self.gamma_mode!r} must be 'fixed', 'fit' or 'file'")
+        if self.gamma_mode == "file" and not self.gamma_file:
+            problems.append("gamma_mode=file needs detector.gamma_file=/path/fit.json (written by save_fit)")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.gamma_mode == "file":
+            self._load_gamma_file()
 
     # ------------------------------------------------------------------ record
     def params(self) -> dict:
@@ -123,10 +133,12 @@ class Anisotropy:
                  seeds="seed + j for generation j (same for every prompt); public code: 42 for all",
                  deviations="public SD v2 branch: N in score units, C on raw v (here eps for every model); "
                             "public L1/L2 eps normalisation (off by default) not implemented")
-        if self.gamma_mode == "fit":
+        if self.gamma_mode != "fixed":
             p["gamma"] = None if self._fit is None else self._fit["gamma"]
             if self.calibration is not None:
                 p["calibration_file_sha256"] = _sha(Path(self.calibration).read_text(encoding="utf-8"))
+            if self.gamma_file is not None:
+                p["gamma_file_sha256"] = _sha(Path(self.gamma_file).read_text(encoding="utf-8"))
             p["fit"] = self._fit if self._fit is not None else "pending: fitted on the calibration split at the first score"
         return p
 
@@ -174,6 +186,8 @@ class Anisotropy:
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
 
+        from bench.core.model import weights_sha256
+
         prompts = [*memorized, *reference]
         y = np.r_[np.ones(len(memorized)), np.zeros(len(reference))].astype(int)
         if not memorized or not reference:
@@ -194,8 +208,8 @@ class Anisotropy:
             "model": "sklearn LogisticRegression(C=1.0, lbfgs) on standardised [norm, cos], mapped to raw units",
             "seed": int(seed), "n_memorized": len(memorized), "n_reference": len(reference),
             "split": rows, "split_sha256": _sha(json.dumps(rows, sort_keys=True)),
-            "train_auc": float(roc_auc_score(y, feats @ w)), "source": source or "fit() call"}
-        self._calib_prompts = set(prompts)
+            "train_auc": float(roc_auc_score(y, feats @ w)), "source": source or "fit() call",
+            "model_weights_sha256": weights_sha256(model)}
         return self
 
     def weights(self, model: DiffusionModel) -> np.ndarray:
@@ -215,10 +229,41 @@ class Anisotropy:
                      ids=[ids[i] for i in order], source=str(self.calibration))
         return np.asarray(self._fit["gamma"], dtype=np.float64)
 
+    def save_fit(self, path: str | Path) -> Path:
+        """Write the fitted weights with their provenance (for ``gamma_mode=file``)."""
+        if self._fit is None:
+            raise ValueError("nothing fitted yet: call fit(...) (or score with gamma_mode=fit) first")
+        path = Path(path)
+        path.write_text(json.dumps({"fit": self._fit, "terms": self._terms_config()}, indent=1, sort_keys=True))
+        return path
+
+    def _terms_config(self) -> dict:
+        """What the fitted gamma's features depend on (a file fitted under others is refused)."""
+        return {k: getattr(self, k) for k in ("n_gen", "total_steps", "cos_step", "cosine", "cos_pair")}
+
+    def _load_gamma_file(self) -> None:
+        data = json.loads(Path(self.gamma_file).read_text(encoding="utf-8"))
+        if data.get("terms") != self._terms_config():
+            raise ValueError(f"gamma_file {self.gamma_file} was fitted with terms {data.get('terms')}, this "
+                             f"detector computes {self._terms_config()}: refit or match the options")
+        self._fit = data["fit"]
+
+    def _check_model(self, model: DiffusionModel) -> None:
+        """gamma_mode=file: the weights were fitted on this model (checked once per model object)."""
+        if self.gamma_mode != "file" or getattr(self, "_checked", None) == id(model):
+            return
+        from bench.core.model import weights_sha256
+        if weights_sha256(model) != self._fit.get("model_weights_sha256"):
+            raise ValueError(f"gamma_file {self.gamma_file} was fitted on other model weights "
+                             f"({self._fit.get('model_weights_sha256')}); refit on this model")
+        self._checked = id(model)
+
     def score(self, model: DiffusionModel, prompts: list[str], *, seed: int) -> np.ndarray:
         w = self.weights(model)
-        if self.gamma_mode == "fit":
-            leaked = sorted(set(prompts) & getattr(self, "_calib_prompts", set()))
+        if self.gamma_mode != "fixed":
+            self._check_model(model)
+            calib = {r["prompt_sha256"] for r in self._fit["split"]}
+            leaked = [p for p in prompts if _sha(p) in calib]
             if leaked:
                 raise ValueError(f"{len(leaked)} evaluated prompt(s) are in the calibration split (e.g. "
                                  f"{leaked[0][:60]!r}): gamma must be fitted on held-out prompts only")
