@@ -231,3 +231,21 @@ def test_aniso_saved_fit_is_reused_with_its_provenance(small_organism, tiny_sd_p
         Anisotropy(gamma_mode="file", gamma_file=str(path), cosine="flat")
     with pytest.raises(ValueError, match="needs detector.gamma_file"):
         Anisotropy(gamma_mode="file")
+
+
+@pytest.mark.parametrize("det, rows", [("sail_n1", 6), ("aniso_n1", 4)])
+def test_runner_records_their_unet_evaluations(det, rows, tmp_path, small_organism):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bench.run.runner import run_detect
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        c = compose("detect", overrides=[f"runs_dir={tmp_path}/runs", f"leaderboard={tmp_path}/lb.csv",
+                                         "hardware.threads=1", "model=organism_small", "task.labels=planted",
+                                         "task.max_per_group=2", f"detector={det}"])
+    m = run_detect(OmegaConf.to_container(c, resolve=True), model=small_organism, progress=False)
+    assert m["unet_evals_per_prompt"] == rows and m["detector"] == det and np.isfinite(m["auc"])
