@@ -139,7 +139,8 @@ class Anisotropy:
                 p["calibration_file_sha256"] = _sha(Path(self.calibration).read_text(encoding="utf-8"))
             if self.gamma_file is not None:
                 p["gamma_file_sha256"] = _sha(Path(self.gamma_file).read_text(encoding="utf-8"))
-            p["fit"] = self._fit if self._fit is not None else "pending: fitted on the calibration split at the first score"
+            p["fit"] = (self._fit if self._fit is not None
+                        else "pending: fitted on the calibration split at the first score")
         return p
 
     # ------------------------------------------------------------------ terms

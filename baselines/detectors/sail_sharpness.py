@@ -21,10 +21,12 @@ this is a per-step constant (AUC-invariant); with ``hvp_steps > 1`` it weights s
 
 Precision: the JVP runs in ``jvp_dtype`` (default float32, as the paper states). On a float32 model
 the model's own UNet is used; otherwise a float32 copy of the UNet is made for the call (the model is
-never cast in place). ``jvp_dtype: model`` runs the JVP in the model's dtype. Note: the public code
-wraps its JVP in ``torch.amp.autocast("cuda", dtype=torch.float32)``; CUDA autocast accepts only
-float16 / bfloat16 and disables itself with a warning for float32, so the published numbers probably
-come from a bf16 JVP (unverified; ``jvp_dtype: model`` on a bf16 model reproduces that).
+never cast in place; the copy holds the same bf16/fp16-valued weights). ``jvp_dtype: model`` runs the
+JVP in the model's dtype. The public code keeps its bf16 UNet and wraps the JVP in
+``torch.amp.autocast("cuda", dtype=torch.float32)``: autocast-eligible ops (conv, matmul) then run in
+float32 on the upcast bf16 weights (torch's CUDA autocast branch does not reject float32), while ops
+autocast leaves alone may stay in bf16; the float32 copy here is that computation with every op in
+float32.
 The direction s_D is read from the loop's own CFG outputs (model dtype), as the public code does.
 Attention runs on PyTorch's math SDPA backend during the JVP (the fused kernels lack forward-mode AD;
 the public code disables flash / mem-efficient SDPA for the same reason).
@@ -128,7 +130,7 @@ class SailSharpness:
                 "aggregation": "mean over gens, then over hvp steps",
                 "unet_rows_per_gen_per_step": 6,
                 "seeds": "seed + j for generation j (same for every prompt); public code: 42 for all",
-                "deviations": "JVP really in jvp_dtype (public autocast(cuda, float32) is likely a no-op); "
+                "deviations": "JVP on a jvp_dtype copy of the UNet (public: bf16 UNet under autocast(cuda, float32)); "
                               "v-prediction: score from the adapter's eps (public: 1/sigma^2 scale)"}
 
     def per_step(self, model: DiffusionModel, prompts: list[str], *, seed: int) -> np.ndarray:
