@@ -196,3 +196,40 @@ def test_bad_settings_are_refused():
             AttentionEntropy(**kw)
     with pytest.raises(ValueError):
         BrightEnding(steps=60, total_steps=50)
+
+
+def test_attention_processors_restores_a_module_processor_and_the_module_table():
+    """A processor that is an nn.Module lives in the attention module's ``_modules`` (diffusers'
+    ``set_processor`` pops it when a plain processor is set): it and the table come back as they were."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    class ModuleProcessor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def __call__(self, *a, **k):
+            return AttnProcessor2_0()(*a, **k)
+
+    net = torch.nn.Module()
+    net.attn2 = Attention(query_dim=8, cross_attention_dim=4, heads=2, dim_head=4)
+    proc = ModuleProcessor()
+    net.attn2.set_processor(proc)
+    keys0, d0 = list(net.attn2._modules), state_digest(net)
+    with pytest.raises(RuntimeError):
+        with attention_processors(net, {"attn2.processor": object()}):
+            assert "processor" not in net.attn2._modules
+            raise RuntimeError("inside")
+    assert net.attn2.processor is proc and list(net.attn2._modules) == keys0 and state_digest(net) == d0
+
+
+def test_detectors_run_on_the_tiny_random_sd(tiny_sd):
+    """SD-shaped folder with a VAE (4-channel 8 x 8 latent, cross-attention at 4 x 4 in down_blocks.1)."""
+    d0 = state_digest(tiny_sd.unet)
+    for det in (AttentionEntropy(mode="le"), AttentionEntropy(mode="ae", total_steps=5),
+                BrightEnding(n_gen=2, steps=2, total_steps=3)):
+        s = det.score(tiny_sd, PROMPTS, seed=0)
+        assert s.shape == (2,) and np.isfinite(s).all()
+    m = BrightEnding(total_steps=3, steps=1).masks(tiny_sd, PROMPTS, seed=0)
+    assert m.shape == (2, 1, *tiny_sd.latent_shape[-2:])
+    assert state_digest(tiny_sd.unet) == d0
