@@ -7,6 +7,7 @@ index, the UNet-evaluation counts, AE's aggregation, and BE with a uniform mask 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,27 @@ def test_detectors_run_on_the_tiny_random_sd(tiny_sd):
     m = BrightEnding(total_steps=3, steps=1).masks(tiny_sd, PROMPTS, seed=0)
     assert m.shape == (2, 1, *tiny_sd.latent_shape[-2:])
     assert state_digest(tiny_sd.unet) == d0
+
+
+@pytest.mark.parametrize("det, overrides, per_prompt", [
+    ("attn_le_n1", [], 2.0),
+    ("attn_ae_n1", ["detector.total_steps=5"], 2.0 * 5),
+    ("be_n1", ["detector.total_steps=4", "detector.steps=2"], 2.0 * (4 + 2))])
+def test_runner_end_to_end(det, overrides, per_prompt, tmp_path, small_organism):
+    """Through the runner (Hydra config, run folder, leaderboard): the UNet rows per prompt it measures."""
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bench.run.runner import run_detect
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        c = compose("detect", overrides=[f"runs_dir={tmp_path}/runs", f"leaderboard={tmp_path}/lb.csv",
+                                         "hardware.threads=1", "model=organism_small", "task.labels=planted",
+                                         "task.max_per_group=2", f"detector={det}", *overrides])
+    m = run_detect(OmegaConf.to_container(c, resolve=True), model=small_organism, progress=False)
+    lb = pd.read_csv(tmp_path / "lb.csv")
+    assert len(lb) == 1 and lb.loc[0, "unet_evals_per_prompt"] == per_prompt
+    df = pd.read_csv(Path(tmp_path, "runs", m["run"], "per_prompt.csv"))
+    assert len(df) == m["n_pos"] + m["n_neg"]
