@@ -1,7 +1,8 @@
 """Reversible changes to a model's UNet: forward hooks and weight masks that are always undone.
 
-Mitigators that act on the model (neuron deactivation, pruning) patch through these context
-managers only, so the model is restored exactly on exit, also when the body raises.
+Mitigators that act on the model (neuron deactivation, pruning) and detectors that read attention
+(``attention_processors``) patch through these context managers only, so the model is restored exactly
+on exit, also when the body raises.
 ``state_digest`` is the test oracle: parameters, buffers, hooks and attention processors.
 """
 from __future__ import annotations
@@ -62,3 +63,37 @@ def masked_weights(masks: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[No
         with torch.no_grad():
             for p, orig in saved:
                 p.copy_(orig)
+
+
+_ABSENT = object()
+
+
+@contextmanager
+def attention_processors(unet: torch.nn.Module, processors: dict[str, object]) -> Iterator[None]:
+    """Give the named attention modules other processors for the body; the originals come back on exit.
+
+    Keys are module names (``"down_blocks.1.attentions.0.transformer_blocks.0.attn2"``; the
+    ``".processor"`` suffix of ``unet.attn_processors`` keys is accepted too). Only the named modules are
+    touched. On exit every touched module gets back the very same processor object and its submodule
+    table as it was (a processor that is an ``nn.Module`` lives in ``_modules``; diffusers' ``set_processor``
+    pops it), so ``state_digest`` and ``attn_processors`` are unchanged, also when the body raises.
+    """
+    modules = dict(unet.named_modules())
+    saved: list[tuple[torch.nn.Module, object, dict]] = []
+    try:
+        for key, proc in processors.items():
+            name = key[: -len(".processor")] if key.endswith(".processor") else key
+            m = modules.get(name)
+            if m is None or not hasattr(m, "set_processor"):
+                raise KeyError(f"{name!r} is not an attention module of this UNet")
+            saved.append((m, m.__dict__.get("processor", _ABSENT), dict(m._modules)))
+            m.set_processor(proc)
+        yield
+    finally:
+        for m, proc, subs in reversed(saved):
+            m._modules.clear()
+            m._modules.update(subs)
+            if proc is _ABSENT:
+                m.__dict__.pop("processor", None)
+            else:
+                m.__dict__["processor"] = proc
