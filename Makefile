@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 THREADS ?= 2
 ORGANISM_VERSION ?= $(or $(DIFFMEM_ORGANISM),v2)
 # default detection grid, about 11 min on 2 cores by the committed run records (16 min 45 s with density_sscd_n4 added) (the full Table-1 grid, SSCD density included, is bench-detect-full)
-DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4
+DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4,sail_n1,aniso_n1,attn_le_n1,be_n1
+# the 2024-26 detectors' other configurations (plain runs: they do not share the fused pass)
+DETECT_EXTRA_PLAIN ?= sail_n4,aniso_n4,attn_ae_n1,be_n4
 # mitigation grid: none first (the reference of clip_delta and the FB-Mem mitigation score)
 MITIGATE_GRID ?= none,rta,rna,cwr,gni,embed_opt,nemo,nemo_c,pruning
 # fine-tuning protocol (organism_finetune): the training-time mitigators (plain fine-tuning = none first)
@@ -42,8 +44,9 @@ bench-detect: $(STAMP)  ## detection benchmark on the organism (default grid) ->
 	$(BIN)/diffmem detect -m detector=$(DETECT_GRID) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 
-bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {16,32}, one fused pass (about 66 min on 2 cores)
+bench-detect-full: $(STAMP)  ## the rest of the Table-1 grid and density n in {16,32} (one fused pass, about 66 min on 2 cores) + the 2024-26 detectors' larger configurations
 	$(BIN)/diffmem detect-fused detectors=$(DETECT_EXTRA) hardware.threads=$(THREADS) rerun=true
+	$(BIN)/diffmem detect -m detector=$(DETECT_EXTRA_PLAIN) hardware.threads=$(THREADS) rerun=true
 	$(BIN)/diffmem leaderboard
 
 bench-mitigate: $(STAMP)  ## every mitigator on the organism + training-time ones (fine-tunes built if missing) -> mitigate_leaderboard, plots
