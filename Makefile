@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS ?= 2
 ORGANISM_VERSION ?= $(or $(DIFFMEM_ORGANISM),v2)
-# default detection grid, about 11 min on 2 cores by the committed run records (16 min 45 s with density_sscd_n4 added) (the full Table-1 grid, SSCD density included, is bench-detect-full)
+# default detection grid, about 14 min on 2 cores (12.6 min of runs by the committed run records, plus start-up and the leaderboard) (the full Table-1 grid, SSCD density included, is bench-detect-full)
 DETECT_GRID ?= nm_n1_k1,nm_n1_k10,nm_n1_k50,nm_n4_k1,nm_n4_k10,nm_n32_k1,density_pixel_n4,sail_n1,aniso_n1,attn_le_n1,be_n1
 # the 2024-26 detectors' other configurations (plain runs: they do not share the fused pass)
 DETECT_EXTRA_PLAIN ?= sail_n4,aniso_n4,attn_ae_n1,be_n4

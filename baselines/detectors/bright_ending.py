@@ -4,13 +4,14 @@ Pass 1 (full sampling, ``total_steps``): at the LAST step, a recording attention
 (``baselines.detectors.cross_attention``, installed and restored through ``bench.core.patching``) reads
 the conditional rows' cross-attention maps of the highest-resolution down-block cross-attention layers
 (the first down block that has cross-attention: SD v1/v2 ``down_blocks.0``, 2 layers, 64 x 64 queries;
-the organism and the tiny random SD ``down_blocks.1``, 1 layer at res/2), averages them over heads and then over
+the organism ``down_blocks.2``, its only down block with cross-attention, 1 layer at 4 x 4 queries),
+averages them over heads and then over
 those layers, and takes the column of the end token (eos = number of tokenizer ids incl. start and end
 - 1, capped at max_length - 1; Chen's ``len(tokenizer.encode(p)) - 1``): a soft mask m in (0, 1) per
 generation on the layer's query grid (h x w), not thresholded.
 
 Latent-resolution mapping: when the query grid is smaller than the latent grid H x W (the organism:
-8 x 8 queries for a 16 x 16 latent), m is upsampled to H x W by bilinear interpolation
+4 x 4 queries for a 16 x 16 latent), m is upsampled to H x W by bilinear interpolation
 (``torch.nn.functional.interpolate``, ``align_corners=False``); a larger grid would be reduced by area
 averaging; SD's 64 x 64 maps equal its latent grid and are used as they are. The mask is broadcast over
 the latent channels.

@@ -45,7 +45,7 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
 def down_block_top_layers(unet: torch.nn.Module) -> list[str]:
     """The cross-attention layers of the first down block that has any (the highest-resolution down-block
     cross-attention layers: SD v1/v2 ``down_blocks.0``, 64 x 64 queries, 2 layers; the organism
-    ``down_blocks.1``, res/2)."""
+    ``down_blocks.2``, 4 x 4 queries, 1 layer)."""
     downs = [n for n in cross_attention_layers(unet) if n.startswith("down_blocks.")]
     if not downs:
         raise ValueError("the UNet has no cross-attention layer in its down blocks")
