@@ -64,14 +64,16 @@ def _registered(group_dir: Path, cid: str, target: str | None) -> dict | None:
     with the same ``_target_`` (``train_none.yaml`` registers the fine-tuning protocol's ``none``)."""
     from omegaconf import OmegaConf
 
-    found = []
-    files = sorted(group_dir.glob("*.yaml"), key=lambda f: f.stem != cid)     # <cid>.yaml first
-    for f in files:
+    def load(f: Path):
         reg = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
-        if isinstance(reg, dict) and reg.get("id", f.stem) == cid:
-            found.append(reg)
+        return reg if isinstance(reg, dict) and reg.get("id", f.stem) == cid else None
+
+    own = load(group_dir / f"{cid}.yaml") if (group_dir / f"{cid}.yaml").is_file() else None
+    if own is not None and own.get("_target_") == target:
+        return own                                   # the usual case: one file read
+    found = [r for f in sorted(group_dir.glob("*.yaml")) if f.stem != cid and (r := load(f)) is not None]
     same = [r for r in found if r.get("_target_") == target]
-    return (same or found or [None])[0]
+    return (same or ([own] if own is not None else []) or found or [None])[0]
 
 
 def _differs(a, b) -> bool:

@@ -44,12 +44,10 @@ from bench.run.shard import Shard
 from bench.run.validate import check_config
 from bench.run.prompt_file import PromptFile, load_prompt_file
 
-EXIT_OK = 0
-EXIT_CONFIG = 2              # a bad option (shard=, alpha=, prompts= missing)
-EXIT_BAD_FILE = 3            # the prompt file is missing, empty, has no such column, or no valid line
-EXIT_CALIBRATION = 4         # no calibration, or one made for another detector configuration / model
-EXIT_OUTPUT_CONFLICT = 5     # the output path holds a run of another input or configuration
-EXIT_LINES_REJECTED = 6      # every good line was scored, but some lines were rejected (see *.rejected.csv)
+# screening's exit codes are the common ones (bench/errors.py); EXIT_BAD_FILE is its name for EXIT_INPUT
+from bench.errors import (EXIT_CALIBRATION, EXIT_CONFIG, EXIT_LINES_REJECTED, EXIT_OK,  # noqa: E402,F401
+                          EXIT_OUTPUT_CONFLICT)
+from bench.errors import EXIT_INPUT as EXIT_BAD_FILE  # noqa: E402,F401
 # EXIT_LOCKED = 8 (bench/errors.py): another process is screening into the same output file
 COLUMNS = ["line", "prompt", "score", "p_value", "flag", "truncated"]
 LEGACY_COLUMNS = COLUMNS[:5]  # outputs written before the truncated column; resumed and rewritten with it empty
